@@ -1,0 +1,18 @@
+"""ExGRPO kernels: fused log-probs and GRPO loss from hidden states, group advantages, sequence packing.
+
+Public API (stable; other GRPO projects import exactly these names):
+    fused_linear_logprobs, fused_linear_grpo_loss, grouped_advantages, GRPOLossConfig
+"""
+from kernels.advantages import grouped_advantages, grouped_advantages_reference
+from kernels.grpo_loss import GRPOLossConfig, fused_linear_grpo_loss, grpo_loss_reference
+from kernels.logprobs import fused_linear_logprobs, logprobs_reference
+
+__all__ = [
+    "GRPOLossConfig",
+    "fused_linear_grpo_loss",
+    "fused_linear_logprobs",
+    "grouped_advantages",
+    "grpo_loss_reference",
+    "grouped_advantages_reference",
+    "logprobs_reference",
+]
