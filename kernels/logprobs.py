@@ -157,19 +157,30 @@ def chunk_grad_(z: torch.Tensor, t: torch.Tensor, lse: torch.Tensor, ent: torch.
                                   c_h if with_h else c_l, V, col0, inv_tau,
                                   BLOCK_V=bv, WITH_ENT_GRAD=with_h, num_warps=_num_warps(bv))
         return out
-    zs = z.float() * inv_tau
-    logp = zs - lse.unsqueeze(1)
-    p = torch.exp(logp)
+    # torch twin, in place on an fp32 buffer (the CPU path): a few passes over the tile
+    buf = z if (out is z and z.dtype == torch.float32) else z.float()
+    if inv_tau != 1.0:
+        buf.mul_(inv_tau)
+    buf.sub_(lse.unsqueeze(1))  # log p
+    q = None
+    if with_h:
+        q = buf + ent.unsqueeze(1)  # log p + H
+    buf.exp_()  # p
+    if with_h:
+        q = torch.where(buf > 0, q * buf, 0.0).mul_(c_h.unsqueeze(1))  # c_h p (log p + H)
     valid = t != IGNORE_INDEX
-    cl = torch.where(valid, c_l, 0.0).unsqueeze(1)
-    g = -cl * p
+    cl = torch.where(valid, c_l, 0.0)
+    buf.mul_(-cl.unsqueeze(1))
     local = t - col0
     hit = valid & (local >= 0) & (local < V)
     rows = hit.nonzero().squeeze(1)
-    g[rows, local[rows]] += cl[rows, 0]
+    buf[rows, local[rows]] += cl[rows]
     if with_h:
-        g -= c_h.unsqueeze(1) * torch.where(p > 0, p * (logp + ent.unsqueeze(1)), 0.0)
-    out.copy_(g * inv_tau)
+        buf.sub_(q)
+    if inv_tau != 1.0:
+        buf.mul_(inv_tau)
+    if out is not buf:
+        out.copy_(buf)
     return out
 
 

@@ -3,6 +3,8 @@ tolerance rule of TARGETS.md (no worse than 2x torch's own low-precision pipelin
 that a wrong formula, index or scale exceeds by orders of magnitude)."""
 import torch
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 FLOOR = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
@@ -16,7 +18,7 @@ def tolerance(dtype: torch.dtype, pipeline_err: float) -> float:
     return max(2.0 * pipeline_err, FLOOR[dtype])
 
 
-def make_inputs(N, H, V, dtype, seed=0, device="cpu", logit_std=3.0):
+def make_inputs(N, H, V, dtype, seed=0, device=DEVICE, logit_std=3.0):
     """hidden [N, H], weight [V, H] in dtype with logits of standard deviation about logit_std."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(N, H, generator=g)

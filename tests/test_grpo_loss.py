@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from kernels import GRPOLossConfig, fused_linear_grpo_loss, grpo_loss_reference, logprobs_reference
-from tests.numerics import make_inputs, rel_err, tolerance
+from tests.numerics import DEVICE, make_inputs, rel_err, tolerance
 
 
 def make_batch(N=41, H=12, V=263, S=6, dtype=torch.float32, seed=0, empty_seq=True):
     """A packed batch: S sequences of uneven length, prompt tokens masked out, one sequence with no loss token,
     a few -100 targets, old/ref/gen log-probs near the current ones (ratios that hit both clip bounds)."""
     g = torch.Generator().manual_seed(seed)
-    hidden, weight = make_inputs(N, H, V, dtype, seed=seed)
+    hidden, weight = make_inputs(N, H, V, dtype, seed=seed, device="cpu")
     cuts = torch.sort(torch.randperm(N - 1, generator=g)[: S - 1] + 1)[0]
     seq_ids = torch.zeros(N, dtype=torch.int64)
     for c in cuts:
@@ -30,8 +30,9 @@ def make_batch(N=41, H=12, V=263, S=6, dtype=torch.float32, seed=0, empty_seq=Tr
     old = l + 0.3 * torch.randn(N, generator=g)
     ref = l + 0.2 * torch.randn(N, generator=g)
     gen = old + 0.2 * torch.randn(N, generator=g)
-    return dict(hidden=hidden, weight=weight, targets=targets, seq_ids=seq_ids, advantages=adv, loss_mask=loss_mask,
-                old_logp=old, ref_logp=ref, gen_logp=gen)
+    b = dict(hidden=hidden, weight=weight, targets=targets, seq_ids=seq_ids, advantages=adv, loss_mask=loss_mask,
+             old_logp=old, ref_logp=ref, gen_logp=gen)
+    return {k: v.to(DEVICE) for k, v in b.items()}
 
 
 def run(fn, b, cfg, dtype=None, frozen=False, **over):

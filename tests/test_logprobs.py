@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernels import fused_linear_logprobs, logprobs_reference
-from tests.numerics import make_inputs, rel_err, tolerance
+from tests.numerics import DEVICE, make_inputs, rel_err, tolerance
 
 SHAPES = [  # N, H, V, chunk: V not a power of two, N not a multiple of the chunk, chunks of 1
     (37, 24, 301, 8),
@@ -18,7 +18,7 @@ def _targets(N, V, seed):
     t = torch.randint(0, V, (N,), generator=g)
     t[::7] = -100  # positions with no target
     t[1] = V - 1  # the last vocabulary column
-    return t
+    return t.to(DEVICE)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -30,7 +30,7 @@ def test_logprobs_entropy_and_grads_match_float64(backend, dtype, shape, tempera
     hidden, weight = make_inputs(N, H, V, dtype, seed=N + V)
     targets = _targets(N, V, N)
     g = torch.Generator().manual_seed(7)
-    up_l, up_h = torch.randn(N, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)
+    up_l, up_h = (torch.randn(N, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(2))
 
     def run(fn, h, w, **kw):
         h = h.detach().clone().requires_grad_()
@@ -55,15 +55,15 @@ def test_logprobs_entropy_and_grads_match_float64(backend, dtype, shape, tempera
 def test_all_negative_logits_and_extreme_values(backend):
     # every logit strongly negative: a max initialised to 0 instead of -inf would break this
     N, H, V = 9, 4, 77
-    hidden = torch.ones(N, H)
-    weight = -50.0 - torch.rand(V, H) * 10
-    targets = torch.arange(N) * 3
+    hidden = torch.ones(N, H, device=DEVICE)
+    weight = -50.0 - torch.rand(V, H, device=DEVICE) * 10
+    targets = torch.arange(N, device=DEVICE) * 3
     lp = fused_linear_logprobs(hidden, weight, targets, backend=backend, chunk_size=4)
     ref = logprobs_reference(hidden.double(), weight.double(), targets)
     assert rel_err(lp, ref) < 1e-5
     # very peaked rows: log-probs of the argmax near 0, of others large negative but finite
-    h2 = torch.rand(N, H)
-    weight2 = torch.randn(V, H) * 40
+    h2 = torch.rand(N, H, device=DEVICE)
+    weight2 = torch.randn(V, H, device=DEVICE) * 40
     lp2 = fused_linear_logprobs(h2, weight2, targets, backend=backend)
     ref2 = logprobs_reference(h2.double(), weight2.double(), targets)
     assert torch.isfinite(lp2).all() and rel_err(lp2, ref2) < 1e-5
@@ -84,7 +84,7 @@ def test_no_grad_pass_and_chunk_invariance(backend):
 def test_frozen_weight_gets_no_grad():
     hidden, weight = make_inputs(11, 8, 40, torch.float32)
     hidden.requires_grad_()
-    lp = fused_linear_logprobs(hidden, weight, torch.randint(0, 40, (11,)), backend="torch")
+    lp = fused_linear_logprobs(hidden, weight, torch.randint(0, 40, (11,), device=DEVICE), backend="torch")
     lp.sum().backward()
     assert hidden.grad is not None and weight.grad is None
 
@@ -93,5 +93,5 @@ def test_frozen_weight_gets_no_grad():
 def test_nan_hidden_gives_nan(backend):
     hidden, weight = make_inputs(6, 8, 40, torch.float32)
     hidden[2, 3] = float("nan")
-    lp = fused_linear_logprobs(hidden, weight, torch.randint(0, 40, (6,)), backend=backend)
+    lp = fused_linear_logprobs(hidden, weight, torch.randint(0, 40, (6,), device=DEVICE), backend=backend)
     assert torch.isnan(lp[2]) and torch.isfinite(lp[[0, 1, 3, 4, 5]]).all()
