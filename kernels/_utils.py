@@ -44,8 +44,14 @@ def tile_budget(device: torch.device) -> int:
 
 
 def matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the chunk matmuls run in: the input dtype on CUDA, fp32 on the CPU (bf16 GEMMs there are slow)."""
-    return x.dtype if x.is_cuda else torch.float32
+    """The dtype the chunk matmuls run in: the input dtype on CUDA; on the CPU at least fp32 (bf16 GEMMs there
+    are slow), fp64 stays fp64."""
+    return x.dtype if x.is_cuda else torch.promote_types(x.dtype, torch.float32)
+
+
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """Accumulator dtype for gradients of x: fp32, or fp64 for fp64 inputs."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -61,6 +67,8 @@ def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b with acc fp32 and a, b possibly bf16/fp16: fp32 accumulation, no [M, N] low-precision temp."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
+    elif acc.dtype == torch.float64:
+        acc.addmm_(a.double(), b.double())
     elif a.is_cuda and _has_addmm_out_dtype(a.device.index or 0, a.dtype):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     elif a.is_cuda and _has_mm_out_dtype(a.device.index or 0, a.dtype):

@@ -27,6 +27,7 @@ from kernels._utils import (
     FLOAT_DTYPES,
     IGNORE_INDEX,
     INT_DTYPES,
+    acc_dtype,
     addmm_fp32_,
     auto_chunk,
     check_1d,
@@ -297,7 +298,7 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
         ratio, kl, jt = (torch.full_like(logp, nan) for _ in range(3))
         ent = torch.full_like(logp, nan) if cfg.compute_entropy else None
         gh = torch.full((na, H), nan, dtype=hidden.dtype, device=dev) if need_h and not low_mem else None
-        gw = torch.zeros((V, H), dtype=torch.float32, device=dev) if need_w and not low_mem else None
+        gw = torch.zeros((V, H), dtype=acc_dtype(weight), device=dev) if need_w and not low_mem else None
         term_kw = dict(old=None, ref=None, gen=None, adv=None, w=None, seq_ids=None, num_seqs=S, cfg=cfg)
 
         def grad_gemms(g, s, e, hc):
@@ -394,7 +395,7 @@ def _low_memory_backward(h, w_mat, t, lse, c, inv_tau, zdt, backend, need_h, nee
     mdt = w_mat.dtype
     slab = auto_chunk(max(n, 1), torch.empty((), dtype=zdt).element_size(), tile_budget(h.device), 128, 1 << 20)
     hm = h.to(mdt)
-    gh = torch.zeros((n, H), dtype=torch.float32, device=h.device) if need_h else None
+    gh = torch.zeros((n, H), dtype=acc_dtype(h), device=h.device) if need_h else None
     gw = torch.full((V, H), float("nan"), dtype=wdt, device=h.device) if need_w else None
     for v0 in range(0, V, slab):
         v1 = min(V, v0 + slab)

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from kernels._utils import (
     IGNORE_INDEX,
+    acc_dtype,
     addmm_fp32_,
     auto_chunk,
     check_hidden_weight_targets,
@@ -222,7 +223,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         c_l = torch.zeros(N, dtype=torch.float32, device=hidden.device) if grad_logp is None else grad_logp.float()
         c_h = grad_ent.float() if (with_entropy and grad_ent is not None) else None
         gh = torch.full_like(hidden, float("nan")) if need_h else None
-        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        gw = torch.zeros(weight.shape, dtype=acc_dtype(weight), device=weight.device) if need_w else None
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
             hc = hidden[s:e].to(mdt)
