@@ -18,6 +18,7 @@ fi
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } 2>&1 | tee "$OUT/env.txt"
 timeout 240 python3 -m pytest -q -x tests 2>&1 | tail -n 30 | tee "$OUT/tests.log"
 timeout 300 python3 bench/bench_grpo_loss.py --preset targets --out "$OUT/targets" 2>&1 | tee "$OUT/bench.log"
+timeout 240 python3 bench/bench_packing.py --out "$OUT/packing" 2>&1 | tail -n 40 | tee "$OUT/packing.log"
 if [ "${SWEEP:-0}" = 1 ]; then
   timeout 400 python3 bench/bench_grpo_loss.py --preset sweep --skip liger --out "$OUT/sweep" 2>&1 | tee "$OUT/sweep.log"
 fi

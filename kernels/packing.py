@@ -187,7 +187,8 @@ def unpack(values: torch.Tensor, batch: PackedBatch, *, padding_value=0.0, as_li
         return list(values.split(batch.lengths.tolist()))
     out = torch.full((batch.num_seqs, batch.max_seqlen) + tuple(values.shape[1:]), padding_value,
                      dtype=values.dtype, device=values.device)
-    out[batch.seq_ids, batch.position_ids] = values
+    flat = batch.seq_ids * batch.max_seqlen + batch.position_ids
+    out.view((-1,) + tuple(values.shape[1:])).index_copy_(0, flat, values)
     return out
 
 
