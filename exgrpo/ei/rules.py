@@ -63,6 +63,17 @@ RULES: dict[str, Rule] = {r.name: r for r in (
 RULE_NAMES = tuple(RULES)
 
 
+@dataclass(frozen=True)
+class Probe:
+    """An explanatory probe with the teacher's rationale (ending in "The answer is X.") and answer."""
+
+    rule: str
+    question: str
+    rationale: str
+    answer: str
+    answer_type: str
+
+
 def probe_answer_type(rule: str, question_type: str) -> str:
     r = RULES[rule]
     return question_type if r.answer_type == "same" else r.answer_type

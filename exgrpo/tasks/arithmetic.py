@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass, replace
 
 from exgrpo.data.loaders import Example
-from exgrpo.ei.rules import RULE_NAMES
+from exgrpo.ei.rules import RULE_NAMES, Probe
 
 NAMES = ("Mia", "Leo", "Ana", "Sam", "Ivy", "Max", "Zoe", "Ben", "Eva", "Tom")
 ITEMS = ("pens", "apples", "cards", "books", "coins", "shells", "stamps", "eggs")
@@ -129,15 +129,6 @@ def make_split(n: int, seed: int, kind: str = "train", n_ops: int = 2) -> list[E
 def problem_of(ex: Example) -> ArithProblem:
     m = ex.meta["problem"]
     return ArithProblem(m["name"], m["item"], m["start"], tuple(tuple(o) for o in m["ops"]))
-
-
-@dataclass(frozen=True)
-class Probe:
-    rule: str
-    question: str
-    rationale: str  # the teacher's rationale, ending with "The answer is X."
-    answer: str
-    answer_type: str
 
 
 def _options(rng, correct: str, wrong: list[str]):
