@@ -17,8 +17,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="exgrpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["ei", "sft", "train", "eval", "demo"])
     ap.add_argument("--config", default=None, help="YAML file with config fields")
+    ap.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    ap.add_argument("--seeds", type=int, default=None, help="demo: seeds to run (mean and 95%% interval)")
+    ap.add_argument("--quick", action="store_true", help="demo: a few steps of everything (CI)")
+    ap.add_argument("--backend", default=None, help="demo/train: generation backend (transformers | vllm)")
     ap.add_argument("overrides", nargs="*", help="key=value (nested: teacher_chat.base_url=...)")
     a = ap.parse_args(argv)
+    a.overrides += [f"{k}={v}" for k, v in (("seeds", a.seeds), ("backend", a.backend)) if v is not None]
+    if a.quick:
+        a.overrides.append("quick=true")
     try:
         if a.command == "ei":
             from exgrpo.ei.pipeline import EIConfig, run_ei
@@ -26,7 +33,7 @@ def main(argv=None):
             print(json.dumps(report, indent=1))
         else:
             from exgrpo import commands
-            getattr(commands, a.command)(a.config, a.overrides)
+            getattr(commands, a.command)(a.config, a.overrides, resume=a.resume)
     except ValueError as e:
         print(f"exgrpo {a.command}: error: {e}", file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ it. The model then takes one packed row, ``input_ids [1, N]`` with ``position_id
 no token attends across a sequence border. Kernels, first available wins:
   1. flash-attn's ``flash_attn_varlen_func`` (CUDA, if installed),
   2. torch's ``torch.nn.attention.varlen.varlen_attn`` (CUDA, torch >= 2.10),
-  3. ``scaled_dot_product_attention`` with a block-diagonal causal mask (CPU, and anywhere else).
+  3. ``scaled_dot_product_attention``, causal, one call per packed sequence (CPU, and anywhere else).
 """
 from __future__ import annotations
 
@@ -103,10 +103,20 @@ def packed_attention_forward(module, query, key, value, attention_mask, scaling=
         return fn(q, k, v, cu, cu, max_len, max_len, **kw).unsqueeze(0), None
     if softcap:
         raise NotImplementedError("exgrpo_varlen: attention logit soft-capping needs flash-attn on CUDA")
-    mask = block_causal_mask(cu, N, query.device, sliding_window)
+    # one causal SDPA per sequence: sum of L_i^2 work, never an [N, N] mask
     if Hkv != Hq:
         key, value = (x.repeat_interleave(Hq // Hkv, dim=1) for x in (key, value))
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask[None, None], dropout_p=p, scale=scale)
+    out = torch.empty_like(query)
+    bounds = cu.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e == s:
+            continue
+        q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
+        if sliding_window and e - s > sliding_window:
+            m = block_causal_mask(torch.tensor([0, e - s]), e - s, query.device, sliding_window)
+            out[:, :, s:e] = F.scaled_dot_product_attention(q, k, v, attn_mask=m[None, None], dropout_p=p, scale=scale)
+        else:
+            out[:, :, s:e] = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, scale=scale)
     return out.transpose(1, 2).contiguous(), None
 
 

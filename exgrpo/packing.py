@@ -41,7 +41,8 @@ class MicroBatchPlan:
         return [sum(self.lengths[i] for mb in r for i in mb) for r in self.plan]
 
 
-def plan_micro_batches(lengths, max_tokens: int, *, num_ranks: int = 1, truncate: bool = False) -> MicroBatchPlan:
+def plan_micro_batches(lengths, max_tokens: int, *, num_ranks: int = 1, truncate: bool = False,
+                       min_micro_batches: int = 1) -> MicroBatchPlan:
     """Plan micro-batches for sequences of the given lengths.
 
     Args:
@@ -50,6 +51,8 @@ def plan_micro_batches(lengths, max_tokens: int, *, num_ranks: int = 1, truncate
         num_ranks: data-parallel ranks (>= 1).
         truncate: a sequence longer than max_tokens is cut to max_tokens (its recorded length) instead of
             raising ValueError.
+        min_micro_batches: at least this many micro-batches per rank (ranks that plan on their own agree on the
+            largest count this way; a micro-batch is empty only when a rank has fewer sequences than that).
     """
     lengths = [int(x) for x in lengths]
     if max_tokens < 1:
@@ -73,7 +76,7 @@ def plan_micro_batches(lengths, max_tokens: int, *, num_ranks: int = 1, truncate
         per_rank[r].append(i)
         heapq.heappush(heap, (load + lengths[i], r))
     # 2. the same number k of worst-fit-decreasing bins on every rank
-    k = max(1, max(-(-sum(lengths[i] for i in seqs) // max_tokens) for seqs in per_rank))
+    k = max(1, min_micro_batches, max(-(-sum(lengths[i] for i in seqs) // max_tokens) for seqs in per_rank))
     while True:
         bins = [_worst_fit(seqs, lengths, k, max_tokens) for seqs in per_rank]
         if all(b is not None for b in bins):

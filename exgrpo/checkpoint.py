@@ -1,0 +1,52 @@
+"""Checkpoints: the model and tokenizer in Hugging Face format plus optimizer, scheduler, RNG and data-position
+state, written to a temporary folder and renamed into place (a kill never leaves a half checkpoint)."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+
+from exgrpo.io import atomic_write_text
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+
+
+def save(out_dir: str, step: int, model, tokenizer, state: dict, keep: int = 2) -> str:
+    root = os.path.join(out_dir, "checkpoints")
+    final = os.path.join(root, f"step-{step:06d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save(dict(state, rng=rng_state(), step=step), os.path.join(tmp, "trainer_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    atomic_write_text(os.path.join(root, "latest"), os.path.basename(final))
+    done = sorted(d for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp"))
+    for d in done[:-keep]:
+        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    return final
+
+
+def latest(out_dir: str) -> str | None:
+    p = os.path.join(out_dir, "checkpoints", "latest")
+    if not os.path.exists(p):
+        return None
+    path = os.path.join(out_dir, "checkpoints", open(p).read().strip())
+    return path if os.path.isdir(path) else None
+
+
+def load_state(path: str) -> dict:
+    return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)

@@ -1,0 +1,124 @@
+"""Generation backends and multi-turn, token-in/token-out rollouts.
+
+A backend turns prompts given as token ids into completions given as token ids with the generator's log-prob
+of each token, log softmax(logits / temperature) — the same quantity the trainer computes, so the two can be
+compared and the generator correction can use it. ``TransformersBackend`` (default on the CPU) runs the
+trainer's own model; ``exgrpo.vllm_backend.VLLMBackend`` runs vLLM.
+
+``multi_turn_rollouts`` advances all trajectories of a step turn by turn: one batched request per turn, the
+next user turn (probe) appended as token ids from the dialogue tokenizer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from exgrpo.attention import IMPL
+from exgrpo.dialogue import DialogueTokenizer, TokenizedDialogue
+from exgrpo.model import base_causal_lm
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    max_new_tokens: int = 96  # per assistant turn
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"SamplingConfig.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Completion:
+    ids: list[int]  # generated ids, up to and including the end-of-turn token if one was sampled
+    logprobs: list[float]  # generator log-prob of each id under softmax(logits / temperature)
+
+
+class TransformersBackend:
+    """Generation with the trainer's own model object (weights always in sync), left-padded batches."""
+
+    name = "transformers"
+
+    def __init__(self, model, tokenizer, eot_ids, batch_size: int = 64):
+        self.model, self.tok, self.eot = model, tokenizer, set(eot_ids)
+        self.batch_size = batch_size
+
+    def sync_weights(self, model) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], sc: SamplingConfig, greedy: bool = False,
+                 generator_seed: int | None = None) -> list[Completion]:
+        lm = base_causal_lm(self.model)
+        was_training = lm.training
+        lm.eval()
+        lm.set_attn_implementation("sdpa")
+        try:
+            out = []
+            for i in range(0, len(prompts), self.batch_size):
+                out += self._generate(lm, prompts[i:i + self.batch_size], sc, greedy, generator_seed)
+            return out
+        finally:
+            lm.set_attn_implementation(IMPL)
+            lm.train(was_training)
+
+    def _generate(self, lm, prompts, sc, greedy, seed):
+        dev = next(lm.parameters()).device
+        T = max(len(p) for p in prompts)
+        pad = self.tok.pad_token_id
+        ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+        att = torch.zeros((len(prompts), T), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, T - len(p):] = torch.tensor(p)
+            att[i, T - len(p):] = 1
+        if seed is not None:
+            torch.manual_seed(seed)
+        kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=sc.temperature, top_p=sc.top_p,
+                                                      top_k=sc.top_k)  # top_k 0 and top_p 1 switch those off
+        g = lm.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), max_new_tokens=sc.max_new_tokens,
+                        eos_token_id=sorted(self.eot), pad_token_id=pad, output_logits=True,
+                        return_dict_in_generate=True, **kw)
+        new = g.sequences[:, T:].cpu()
+        logits = torch.stack(g.logits, 1).float().cpu()  # [B, steps, V], raw (before temperature / top-p)
+        tau = 1.0 if greedy else sc.temperature
+        lp = torch.log_softmax(logits / tau, -1).gather(-1, new[:, :logits.shape[1]].unsqueeze(-1)).squeeze(-1)
+        res = []
+        for b in range(new.shape[0]):
+            seq = new[b].tolist()
+            n = len(seq)
+            for j, t in enumerate(seq):
+                if t in self.eot:
+                    n = j + 1
+                    break
+            res.append(Completion(seq[:n], lp[b, :n].tolist()))
+        return res
+
+
+def multi_turn_rollouts(backend, dtok: DialogueTokenizer, user_turns: list[list[str]], sc: SamplingConfig,
+                        greedy: bool = False, seed: int | None = None) -> list[TokenizedDialogue]:
+    """One dialogue per entry of ``user_turns`` (its user messages in order); the student answers each user
+    turn. All dialogues advance together, one batched generate call per turn."""
+    states = [dtok.start([{"role": "user", "content": turns[0]}]) for turns in user_turns]
+    for t in range(max(len(u) for u in user_turns)):
+        active = [i for i, u in enumerate(user_turns) if t < len(u)]
+        if t > 0:
+            for i in active:
+                dtok.append_user(states[i], user_turns[i][t])
+        comps = backend.generate([dtok.prompt_ids(states[i]) for i in active], sc, greedy=greedy,
+                                 generator_seed=None if seed is None else seed * 1009 + t)
+        for i, c in zip(active, comps):
+            dtok.append_generated(states[i], c.ids, c.logprobs)
+    return states
+
+
+def last_assistant_text(dtok: DialogueTokenizer, d: TokenizedDialogue) -> str:
+    last = max(i for i, r in enumerate(d.roles) if r == "assistant")
+    ids = [t for t, g, m in zip(d.input_ids, d.generated, d.message_index) if g and m == last]
+    return dtok.tok.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,212 @@
+"""The trainer on a tiny random model: SFT and ExGRPO steps, DSU bonus and advantages by hand, packing on vs off,
+the trainer's loss against the kernel reference, zero-advantage batches, non-finite steps, config errors,
+resume after a kill, and the quick demo."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from exgrpo.dsu import dsu_rewards
+from exgrpo.ei.pipeline import EIConfig, run_ei
+from exgrpo.generation import SamplingConfig
+from exgrpo.model import ModelConfig, PolicyHidden, build_student
+from exgrpo.trainer import (OptimConfig, RolloutBatch, SFTConfig, TrainConfig, _update, grpo_micro_batch_loss,
+                            make_optimizer, optimizer_step, sft, train, wrap_ddp)
+from kernels import GRPOLossConfig, grouped_advantages, grpo_loss_reference
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+TINY = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ei")
+    run_ei(EIConfig(limit=12, rules_per_example=3, out_dir=str(out)), progress=False)
+    return str(out / "d_ei.jsonl")
+
+
+def params(m):
+    return {n: p.detach().clone() for n, p in m.named_parameters()}
+
+
+def test_dsu_bonus_and_advantages_by_hand():
+    r = dsu_rewards([1, 0, 1, 1], [1, 0, 0, 0], delta=0.5, nu=1.0)
+    assert r.p_full == 0.75 and r.p_partial == 0.25 and r.bonus == 0.5
+    assert r.total_a == [1.5, 0.0, 1.5, 1.5] and r.total_b == [1.0, 0.0, 0.0, 0.0]
+    assert dsu_rewards([1, 0], [1, 0], delta=0.5, nu=1.0).bonus == 0  # P_full = P_partial: no bonus
+    assert dsu_rewards([1, 1], [1, 0], delta=0.5, nu=2.0).bonus == 0  # 1 > 2 * 0.5 is false
+    assert dsu_rewards([1, 1], [1, 0], delta=0.5, nu=1.0, enabled=False).total_a == [1.0, 1.0]
+    adv = grouped_advantages(torch.tensor(r.total_a + r.total_b), torch.tensor([0] * 4 + [1] * 4))
+    a = torch.tensor([1.5, 0, 1.5, 1.5])
+    exp_a = (a - a.mean()) / (a.std() + 1e-4)
+    b = torch.tensor([1.0, 0, 0, 0])
+    exp_b = (b - b.mean()) / (b.std() + 1e-4)
+    assert torch.allclose(adv, torch.cat([exp_a, exp_b]), atol=1e-6)
+
+
+def test_one_sft_step_changes_the_model(data, tmp_path):
+    r = sft(SFTConfig(data=data, model=TINY, out_dir=str(tmp_path), max_steps=1, batch_dialogues=4, progress=False))
+    m = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert len(m) == 1 and m[0]["loss"] > 0 and not m[0]["skipped"]
+    before, _ = build_student(TINY, seed=0)
+    after, _ = build_student(ModelConfig(path=r["final"]))
+    diff = [n for n, p in before.named_parameters() if not torch.equal(p, dict(after.named_parameters())[n])]
+    assert len(diff) == len(list(before.parameters()))
+
+
+def _fixed_batch(tok, S=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, 255, (int(n),), generator=g) for n in torch.randint(6, 20, (S,), generator=g)]
+    mask = [torch.rand(len(x), generator=g) > 0.3 for x in ids]
+    gen = [-torch.rand(len(x), generator=g) for x in ids]
+    adv = torch.randn(S, generator=g)
+    return RolloutBatch(ids, mask, gen, adv)
+
+
+def test_one_exgrpo_update_moves_policy_not_reference():
+    model, tok = build_student(TINY, seed=0)
+    ref, _ = build_student(TINY, seed=0)
+    ref.requires_grad_(False)
+    ref0, pol0 = params(ref), params(model)
+    cfg = TrainConfig(init=None, model=TINY, G=2, k=2, k_partial=1, optim=OptimConfig(lr=1e-2, warmup_steps=0))
+    opt, sched = make_optimizer(model, cfg.optim, 10)
+    policy = PolicyHidden(model).train()
+    m = _update(cfg, wrap_ddp(policy, torch.device("cpu")), policy, PolicyHidden(ref).eval(), _fixed_batch(tok),
+                [], opt, sched, {}, 1, torch.device("cpu"))
+    assert torch.isfinite(torch.tensor(m["loss"])) and not m["skipped_zero_adv"] and m["kl"] == pytest.approx(0, abs=1e-6)
+    assert all(torch.equal(ref0[n], p) for n, p in ref.named_parameters())
+    assert any(not torch.equal(pol0[n], p) for n, p in model.named_parameters())
+
+
+def test_zero_advantages_skip_the_backward():
+    model, tok = build_student(TINY, seed=0)
+    pol0 = params(model)
+    cfg = TrainConfig(init=None, model=TINY, G=2, k=2, k_partial=1)
+    opt, sched = make_optimizer(model, cfg.optim, 10)
+    batch = _fixed_batch(tok)
+    batch.advantages = torch.zeros_like(batch.advantages)
+    policy = PolicyHidden(model).train()
+    m = _update(cfg, policy, policy, PolicyHidden(model).eval(), batch, [], opt, sched, {}, 1, torch.device("cpu"))
+    assert m["skipped_zero_adv"] and m["loss"] == 0
+    assert all(torch.equal(pol0[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo"])
+def test_trainer_loss_equals_the_kernel_reference_and_packing_does_not_change_it(loss_type):
+    model, tok = build_student(TINY, seed=1)
+    model = model.double()
+    policy = PolicyHidden(model)
+    b = _fixed_batch(tok, S=5, seed=3)
+    lc = GRPOLossConfig(loss_type=loss_type, beta=0.0, compute_entropy=True)
+    seqs = list(zip(b.ids, b.mask))
+    n_glob = sum(int(m[1:].sum()) for m in b.mask)
+    packed, _ = grpo_micro_batch_loss(policy, policy, policy, seqs, b.advantages, b.gen_logp, lc, n_glob, 1,
+                                      torch.device("cpu"), False)
+    # reference: each sequence alone through the model's own forward (no packing), full logits, float64
+    hs, tg, sid, lm = [], [], [], []
+    for i, (ids, mask) in enumerate(seqs):
+        model.set_attn_implementation("sdpa")
+        hs.append(model.model(input_ids=ids[None]).last_hidden_state[0])
+        tg.append(torch.cat([ids[1:], ids.new_tensor([-100])]))
+        sid.append(torch.full((len(ids),), i))
+        lm.append(torch.cat([mask[1:], mask.new_zeros(1)]))
+    from exgrpo.attention import IMPL
+    model.set_attn_implementation(IMPL)
+    ref, _ = grpo_loss_reference(torch.cat(hs), policy.lm_head, torch.cat(tg), torch.cat(sid), b.advantages.double(),
+                                 torch.cat(lm), lc, num_global_tokens=n_glob)
+    assert torch.allclose(packed.double(), ref, rtol=1e-5, atol=1e-7)
+    if loss_type == "dapo":  # one sequence per micro-batch: the losses add up to the packed one
+        singles = sum(grpo_micro_batch_loss(policy, policy, policy, [seqs[i]], b.advantages[[i]], [b.gen_logp[i]], lc,
+                                            n_glob, 1, torch.device("cpu"), False)[0] for i in range(5))
+        assert torch.allclose(singles, packed, rtol=1e-6)
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run():
+    model, _ = build_student(TINY, seed=0)
+    oc = OptimConfig(max_nonfinite=2)
+    opt, sched = make_optimizer(model, oc, 10)
+    state = {}
+    for i in range(3):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, float("nan"))
+        if i < 2:
+            ok, _ = optimizer_step(model, opt, sched, oc, True, state)
+            assert not ok and all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(RuntimeError, match=r"3 steps with a non-finite loss or gradient \(max_nonfinite=2\)"):
+        optimizer_step(model, opt, sched, oc, True, state)
+
+
+@pytest.mark.parametrize("over,match", [
+    (dict(k=3, k_partial=3), r"k_partial \(k'\) must be in \[0, k=3\), got 3"),
+    (dict(G=1), r"G must be >= 2"),
+    (dict(nu=0.5), r"nu must be >= 1, got 0.5"),
+    (dict(policy_turns="some"), r"policy_turns must be 'all' or 'final'"),
+])
+def test_config_errors_before_any_work(over, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**over)
+    with pytest.raises(ValueError, match=r"GRPOLossConfig.loss_type must be one of"):
+        GRPOLossConfig(loss_type="ppo")
+
+
+def test_exgrpo_steps_and_resume_after_kill_match_an_uninterrupted_run(data, tmp_path):
+    sft_out = tmp_path / "sft"
+    init = sft(SFTConfig(data=data, model=TINY, out_dir=str(sft_out), max_steps=2, batch_dialogues=4, progress=False))["final"]
+    common = dict(data=data, init=init, model=TINY, steps=4, questions_per_step=2, G=2, k=2, k_partial=1,
+                  sampling=SamplingConfig(max_new_tokens=12), save_every=1, progress=False)
+    ref_dir = tmp_path / "ref"
+    train(TrainConfig(out_dir=str(ref_dir), **common))
+    ref_metrics = [json.loads(x) for x in open(ref_dir / "metrics.jsonl")]
+    assert len(ref_metrics) == 4 and all(torch.isfinite(torch.tensor(m["loss"])) for m in ref_metrics)
+    run_dir = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {ROOT!r})
+        import exgrpo.trainer as T
+        orig = T._update
+        def slow(*a, **k):
+            out = orig(*a, **k)
+            time.sleep(1.0)
+            return out
+        T._update = slow
+        from exgrpo.generation import SamplingConfig
+        from exgrpo.model import ModelConfig
+        T.train(T.TrainConfig(out_dir={str(run_dir)!r}, data={data!r}, init={init!r},
+                model=ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2), steps=4, questions_per_step=2,
+                G=2, k=2, k_partial=1, sampling=SamplingConfig(max_new_tokens=12), save_every=1, progress=False))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (latest.exists() and latest.read_text().strip() >= "step-000002"):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest.exists()
+    train(TrainConfig(out_dir=str(run_dir), **common), resume=True)
+    got = [json.loads(x) for x in open(run_dir / "metrics.jsonl")]
+    assert [m["step"] for m in got] == [0, 1, 2, 3]
+    timing = {"tokens_per_s", "time_gen_s", "time_score_s", "time_train_s", "peak_mem_gib"}
+    for a, b in zip(got, ref_metrics):
+        assert set(a) == set(b)
+        for k in set(a) - timing:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (a["step"], k)
+    m1, _ = build_student(ModelConfig(path=str(ref_dir / "final")))
+    m2, _ = build_student(ModelConfig(path=str(run_dir / "final")))
+    for (n, p), q in zip(m1.named_parameters(), m2.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_quick_demo_runs(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "exgrpo", "demo", "--quick", f"out_dir={tmp_path}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| exgrpo |" in r.stdout and os.path.exists(tmp_path / "curves.png")
+    res = json.load(open(tmp_path / "results.json"))
+    assert set(res["0"]) >= {"untrained", "sft", "exgrpo_no_bonus", "exgrpo"}
