@@ -22,7 +22,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="demo: a few steps of everything (CI)")
     ap.add_argument("--backend", default=None, help="demo/train: generation backend (transformers | vllm)")
     ap.add_argument("overrides", nargs="*", help="key=value (nested: teacher_chat.base_url=...)")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)
     a.overrides += [f"{k}={v}" for k, v in (("seeds", a.seeds), ("backend", a.backend)) if v is not None]
     if a.quick:
         a.overrides.append("quick=true")

