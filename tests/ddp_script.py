@@ -1,0 +1,50 @@
+"""Run under torchrun (or alone): SFT steps and one GRPO update on a fixed global batch; rank 0 writes the
+losses and the final weights to OUT."""
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from exgrpo import distributed  # noqa: E402
+from exgrpo.model import ModelConfig, PolicyHidden, build_student  # noqa: E402
+from exgrpo.trainer import (OptimConfig, RolloutBatch, SFTConfig, TrainConfig, _update, make_optimizer,  # noqa: E402
+                            sft, wrap_ddp)
+
+TINY = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2)
+
+
+def main(data, out):
+    torch.set_num_threads(1)
+    r = sft(SFTConfig(data=data, model=TINY, out_dir=os.path.join(out, "sft"), max_steps=3, batch_dialogues=6,
+                      micro_batch_tokens=700, progress=False, optim=OptimConfig(lr=1e-2, warmup_steps=0)))
+    rank, world, device = distributed.init()
+    model, tok = build_student(TINY, seed=0)
+    g = torch.Generator().manual_seed(0)
+    S = 8
+    ids = [torch.randint(0, 255, (int(n),), generator=g) for n in torch.randint(6, 30, (S,), generator=g)]
+    mask = [torch.rand(len(x), generator=g) > 0.3 for x in ids]
+    gen = [-torch.rand(len(x), generator=g) for x in ids]
+    adv = torch.randn(S, generator=g)
+    mine = list(range(S))[rank::world]
+    batch = RolloutBatch([ids[i] for i in mine], [mask[i] for i in mine], [gen[i] for i in mine], adv[mine])
+    cfg = TrainConfig(init=None, model=TINY, G=2, k=2, k_partial=1, micro_batch_tokens=40,
+                      optim=OptimConfig(lr=1e-2, warmup_steps=0))
+    opt, sched = make_optimizer(model, cfg.optim, 10)
+    policy = PolicyHidden(model).train()
+    ref = PolicyHidden(build_student(TINY, seed=0)[0]).eval()
+    m = _update(cfg, wrap_ddp(policy, device), policy, ref, batch, [], opt, sched, {}, world, device)
+    if distributed.is_main():
+        sft_losses = [json.loads(x)["loss"] for x in open(os.path.join(out, "sft", "metrics.jsonl"))]
+        torch.save({"sft_final": r["final"], "grpo_loss": m["loss"], "grpo_kl": m.get("kl"), "sft_losses": sft_losses,
+                    "grpo_weights": {k: v.detach().clone() for k, v in model.state_dict().items()}},
+                   os.path.join(out, "result.pt"))
+    distributed.barrier()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
