@@ -71,17 +71,20 @@ class DemoConfig:
     out_dir: str = "runs/demo"
     seeds: int = 1
     quick: bool = False  # a few steps of everything (CI)
-    n_train: int = 400  # EI questions
+    n_train: int = 1000  # EI questions
     n_eval: int = 100  # held-in test and reversal questions each
-    rules_per_example: int = 5
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(hidden_size=128, intermediate_size=384, num_layers=4))
-    sft_epochs: int = 3
-    sft_lr: float = 2e-3
-    rl_steps: int = 40
+    n_ops: int = 1  # operations per arithmetic problem
+    rules_per_example: int = 2
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(hidden_size=128, intermediate_size=384, num_layers=4,
+                                                                   head_dim=32))
+    sft_epochs: int = 12
+    sft_batch: int = 8
+    sft_lr: float = 3e-3
+    rl_steps: int = 30
     rl_lr: float = 1e-4
     questions_per_step: int = 4
     G: int = 6
-    k: int = 3
+    k: int = 2
     k_partial: int = 1
     delta: float = 0.5
     nu: float = 1.0
@@ -107,15 +110,17 @@ def demo(config, overrides, resume=False):
         t_seed = time.time()
         root = os.path.join(cfg.out_dir, f"seed{seed}")
         ei = EIConfig(limit=cfg.n_train, rules_per_example=cfg.rules_per_example, out_dir=os.path.join(root, "ei"),
-                      seed=seed)
+                      seed=seed, arith_ops=cfg.n_ops)
         report = run_ei(ei, progress=False)
         data = os.path.join(root, "ei", "d_ei.jsonl")
-        tests = make_split(cfg.n_eval, 1000 + seed, "test") + make_split(cfg.n_eval, 1000 + seed, "reversal")
+        tests = (make_split(cfg.n_eval, 1000 + seed, "test", n_ops=cfg.n_ops) +
+                 make_split(cfg.n_eval, 1000 + seed, "reversal", n_ops=cfg.n_ops))
         res = results.setdefault(seed, {})
         model, tok = build_student(cfg.model, seed=seed)
         res["untrained"] = evaluate(model, tok, tests, max_new_tokens=cfg.max_new_tokens)
         sft_cfg = SFTConfig(data=data, model=cfg.model, out_dir=os.path.join(root, "sft"), epochs=cfg.sft_epochs,
-                            optim=OptimConfig(lr=cfg.sft_lr, warmup_steps=5), seed=seed, batch_dialogues=16)
+                            optim=OptimConfig(lr=cfg.sft_lr, warmup_steps=5, min_lr_ratio=0.3), seed=seed,
+                            batch_dialogues=cfg.sft_batch, progress=True)
         sft_final = run_sft(sft_cfg)["final"]
         res["sft"] = evaluate(*_load(sft_final), tests, max_new_tokens=cfg.max_new_tokens)
         for name, dsu in (("exgrpo_no_bonus", False), ("exgrpo", True)):

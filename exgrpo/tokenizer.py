@@ -8,7 +8,6 @@ from transformers import PreTrainedTokenizerFast
 
 CHATML = (
     "{% for m in messages %}"
-    "{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
     "<|im_start|>{{ m['role'] }}\n"
     "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}\n"
     "{% else %}{{ m['content'] }}<|im_end|>\n{% endif %}"

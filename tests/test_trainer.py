@@ -210,3 +210,18 @@ def test_quick_demo_runs(tmp_path):
     assert "| exgrpo |" in r.stdout and os.path.exists(tmp_path / "curves.png")
     res = json.load(open(tmp_path / "results.json"))
     assert set(res["0"]) >= {"untrained", "sft", "exgrpo_no_bonus", "exgrpo"}
+
+
+def test_lora_sft_trains_adapters_only_and_saves_a_merged_model(data, tmp_path):
+    import dataclasses
+    lora = dataclasses.replace(TINY, lora_rank=4, lora_alpha=8)
+    model, _ = build_student(lora, seed=0)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    r = sft(SFTConfig(data=data, model=lora, out_dir=str(tmp_path), max_steps=2, batch_dialogues=4, progress=False,
+                      optim=OptimConfig(lr=1e-2, warmup_steps=0)))
+    merged, _ = build_student(ModelConfig(path=r["final"]))
+    base, _ = build_student(TINY, seed=0)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    changed = [n for (n, p), q in zip(merged.named_parameters(), base.parameters()) if not torch.equal(p, q)]
+    assert changed and all("proj" in n for n in changed)  # only the adapted projections moved

@@ -31,6 +31,7 @@ from exgrpo.io import AppendLog, atomic_write_json, write_jsonl_atomic
 class EIConfig:
     data: tuple[str, ...] = ("arithmetic",)  # data set names (exgrpo.data.loaders) or "arithmetic"
     data_root: str | None = None  # folder of <name>/ folders (default ../shared/data)
+    arith_ops: int = 2  # operations per problem of the built-in arithmetic domain
     split: str = "train"
     limit: int | None = 200  # examples per data set
     teacher: str = "symbolic"  # symbolic (arithmetic only) | openai | transformers
@@ -63,7 +64,7 @@ def load_examples(cfg: EIConfig) -> list[Example]:
     out = []
     for name in cfg.data:
         if name == "arithmetic":
-            out += make_split(cfg.limit or 200, cfg.seed, "train")
+            out += make_split(cfg.limit or 200, cfg.seed, "train", n_ops=cfg.arith_ops)
         else:
             out += load_dataset(name, split=cfg.split, limit=cfg.limit, data_root=cfg.data_root)
     return out

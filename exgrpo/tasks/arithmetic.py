@@ -14,6 +14,7 @@ the student never sees in training.
 from __future__ import annotations
 
 import random
+import zlib
 from dataclasses import dataclass, replace
 
 from exgrpo.data.loaders import Example
@@ -104,16 +105,18 @@ def random_problem(rng: random.Random, n_ops: int = 2) -> ArithProblem:
 
 
 def make_split(n: int, seed: int, kind: str = "train", n_ops: int = 2) -> list[Example]:
-    """n examples. kind: "train" / "test" (forward questions) or "reversal" (start masked)."""
+    """n examples. kind: "train" / "test" (forward questions) or "reversal" (start masked). Test and reversal
+    questions come from a fixed fifth of the problem space that "train" never draws from."""
     if kind not in ("train", "test", "reversal"):
         raise ValueError(f"kind must be 'train', 'test' or 'reversal', got {kind!r}")
-    rng = random.Random(f"{kind}-{seed}")
+    rng = random.Random(f"{kind}-{seed}-{n_ops}")
     out = []
     seen = set()
     while len(out) < n:
         p = random_problem(rng, n_ops)
-        key = (p.start, p.ops)
-        if key in seen:
+        key = (p.name, p.item, p.start, p.ops)
+        held_out = zlib.crc32(repr(key).encode()) % 5 == 0  # a fixed fifth of all problems is never trained on
+        if key in seen or held_out != (kind != "train"):
             continue
         seen.add(key)
         if kind == "reversal":
