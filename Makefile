@@ -1,4 +1,4 @@
-# make demo   : the main job on its built-in default (CPU, no downloads)
+# make demo   : the main job on its built-in default (CPU, no downloads); ARGS="--seeds 3" for more
 # make test   : the whole test suite (CPU; Triton kernels run under TRITON_INTERPRET=1)
 # make bench  : the loss microbenchmark (GPU shapes on CUDA, small shapes on the CPU)
 PY ?= python3
@@ -18,7 +18,7 @@ $(STAMP): setup.py requirements-cpu.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python bench/bench_grpo_loss.py --preset cpu-small --out bench/results/cpu-small
+	$(BIN)/python -m exgrpo demo $(ARGS)
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests

@@ -80,8 +80,8 @@ class DemoConfig:
     sft_epochs: int = 12
     sft_batch: int = 8
     sft_lr: float = 3e-3
-    rl_steps: int = 30
-    rl_lr: float = 1e-4
+    rl_steps: int = 40
+    rl_lr: float = 3e-4
     questions_per_step: int = 4
     G: int = 6
     k: int = 2

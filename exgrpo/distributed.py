@@ -34,15 +34,7 @@ def all_sum(x: float | int) -> float:
     return float(t)
 
 
-def all_max(x: int) -> int:
-    if not dist.is_initialized():
-        return x
-    t = torch.tensor([int(x)], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t)
-
-
-def all_max_float(x: float) -> float:
+def all_max(x: float | int) -> float:
     if not dist.is_initialized():
         return x
     t = torch.tensor([float(x)], dtype=torch.float64)

@@ -191,7 +191,7 @@ def autocast(device, enabled):
 def micro_batches(lengths, max_tokens):
     """This rank's micro-batches (lists of indices); every rank runs the same count (DDP)."""
     plan = plan_micro_batches(lengths, max_tokens, truncate=True)
-    k = distributed.all_max(plan.num_micro_batches)
+    k = int(distributed.all_max(plan.num_micro_batches))
     if k != plan.num_micro_batches:
         plan = plan_micro_batches(lengths, max_tokens, truncate=True, min_micro_batches=k)
     return plan.plan[0]
@@ -293,12 +293,8 @@ def sft(cfg: SFTConfig, resume: bool = False) -> dict:
         if step % cfg.log_every == 0 or step == total - 1:
             log.write(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and distributed.is_main():
-            checkpoint.save(cfg.out_dir, step + 1, model, tok, _trainer_state(state, opt, sched))
-    log.close()
-    final = save_final(cfg.out_dir, model, tok) if distributed.is_main() else None
-    distributed.barrier()
-    return {"steps": total, "final": final}
+        _maybe_checkpoint(cfg, step, model, tok, state, opt, sched)
+    return _finish(cfg, log, model, tok, total)
 
 
 def _nll_loss(ddp, policy, seqs, n_global, world, device, bf16):
@@ -310,6 +306,18 @@ def _nll_loss(ddp, policy, seqs, n_global, world, device, bf16):
         h = ddp(b)
     logp = fused_linear_logprobs(h, policy.lm_head, torch.where(b.loss_mask, b.targets, -100))
     return -(logp.sum()) / max(n_global, 1) * world
+
+
+def _maybe_checkpoint(cfg, step, model, tok, state, opt, sched):
+    if cfg.save_every and (step + 1) % cfg.save_every == 0 and distributed.is_main():
+        checkpoint.save(cfg.out_dir, step + 1, model, tok, _trainer_state(state, opt, sched))
+
+
+def _finish(cfg, log, model, tok, steps) -> dict:
+    log.close()
+    final = save_final(cfg.out_dir, model, tok) if distributed.is_main() else None
+    distributed.barrier()
+    return {"steps": steps, "final": final}
 
 
 def _trainer_state(state, opt, sched):
@@ -361,7 +369,7 @@ def train(cfg: TrainConfig, resume: bool = False, eval_sets=None) -> dict:
     if distributed.is_main():
         save_config(cfg, cfg.out_dir)
     model, tok = load_policy(cfg.model, cfg.init, cfg.seed, device)
-    ref, _ = load_policy(cfg.model if cfg.init else cfg.model, cfg.init, cfg.seed, device)
+    ref, _ = load_policy(cfg.model, cfg.init, cfg.seed, device)  # the frozen reference: the same start
     ref.requires_grad_(False).eval()
     dtok = DialogueTokenizer(tok)
     questions = [r for r in read_jsonl(cfg.data) if r["probes"]]
@@ -421,12 +429,8 @@ def train(cfg: TrainConfig, resume: bool = False, eval_sets=None) -> dict:
                "time_train_s": t_end - t_score, "lr": sched.get_last_lr()[0], "peak_mem_gib": peak_memory_gib(device)}
         log.write(rec)
         bar.set_postfix(reward=f"{rec['reward_base_A']:.2f}")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and distributed.is_main():
-            checkpoint.save(cfg.out_dir, step + 1, model, tok, _trainer_state(state, opt, sched))
-    log.close()
-    final = save_final(cfg.out_dir, model, tok) if distributed.is_main() else None
-    distributed.barrier()
-    return {"steps": cfg.steps, "final": final}
+        _maybe_checkpoint(cfg, step, model, tok, state, opt, sched)
+    return _finish(cfg, log, model, tok, cfg.steps)
 
 
 def _gmean(xs):
@@ -548,7 +552,7 @@ def _update(cfg, ddp, policy, ref_h, batch: RolloutBatch, aux, opt, sched, state
     n = max(1.0, sums.get("num_tokens", 0.0))
     for k, v in sums.items():
         if k == "gen_logp_abs_diff_max":
-            out[k] = float(distributed.all_max_float(v))
+            out[k] = distributed.all_max(v)
         elif k != "num_tokens":
             out[k] = distributed.all_sum(v) / max(1.0, distributed.all_sum(n))
     out["loss"] = distributed.all_sum(out["loss"])

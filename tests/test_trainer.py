@@ -225,3 +225,16 @@ def test_lora_sft_trains_adapters_only_and_saves_a_merged_model(data, tmp_path):
     assert not any("lora" in n for n, _ in merged.named_parameters())
     changed = [n for (n, p), q in zip(merged.named_parameters(), base.parameters()) if not torch.equal(p, q)]
     assert changed and all("proj" in n for n in changed)  # only the adapted projections moved
+
+
+def test_eval_command_on_shared_and_builtin_data(data, tmp_path):
+    from exgrpo.__main__ import main
+    from tests.conftest import SHARED_DATA
+    r = sft(SFTConfig(data=data, model=TINY, out_dir=str(tmp_path / "sft"), max_steps=1, batch_dialogues=4, progress=False))
+    out = tmp_path / "eval.json"
+    assert main(["eval", f"model={r['final']}", "data=arithmetic,gsm8k,boolq", f"data_root={SHARED_DATA}", "limit=3",
+                 "max_new_tokens=8", f"out={out}"]) == 0
+    res = json.load(open(out))
+    assert set(res) == {"arithmetic_forward", "arithmetic_reversal", "gsm8k", "boolq"}
+    assert all(v["n"] == 3 and 0 <= v["accuracy"] <= 1 for v in res.values())
+    assert main(["eval", "limit=many"]) == 2  # a bad field is a clear error, exit 2

@@ -245,7 +245,7 @@ def load_dataset(name: str, source: str | None = None, *, split: str = "train", 
 
     Args:
         name: one of HELD_IN + HELD_OUT.
-        source: a local file (.jsonl/.json/.csv/.parquet), a folder (its ``default_file``), ``hub`` or
+        source: a local file (.jsonl/.json/.csv/.parquet), a folder (``<split>.jsonl`` or its default file), ``hub`` or
             ``hub:<path>[:<config>]`` for ``datasets.load_dataset``; default: ``<data_root>/<name>/<default file>``.
         split: the split name recorded in the examples (and requested from the hub).
         limit: keep the first ``limit`` examples.
@@ -262,8 +262,9 @@ def load_dataset(name: str, source: str | None = None, *, split: str = "train", 
         rows, where = _hub_rows(spec, source, split), f"hub:{spec.hub[0]}"
     else:
         path = source or os.path.join(data_root or default_data_root(), name)
-        if os.path.isdir(path):
-            path = os.path.join(path, spec.default_file)
+        if os.path.isdir(path):  # <split>.jsonl when the folder has one (gsm8k/test.jsonl), else the default file
+            by_split = os.path.join(path, f"{split}.jsonl")
+            path = by_split if os.path.exists(by_split) else os.path.join(path, spec.default_file)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{name}: no data at {path}")
         rows, where = _read_rows(path), path
