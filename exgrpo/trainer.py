@@ -430,6 +430,8 @@ def train(cfg: TrainConfig, resume: bool = False, eval_sets=None) -> dict:
         log.write(rec)
         bar.set_postfix(reward=f"{rec['reward_base_A']:.2f}")
         _maybe_checkpoint(cfg, step, model, tok, state, opt, sched)
+    if hasattr(backend, "close"):
+        backend.close()
     return _finish(cfg, log, model, tok, cfg.steps)
 
 

@@ -59,7 +59,7 @@ class VLLMBackend:
         tokenizer.save_pretrained(workdir)
         cuda = torch.cuda.is_available()
         return cls.from_path(workdir, tokenizer, eot_ids, seed=seed, dtype=str(next(lm.parameters()).dtype).split(".")[-1],
-                             gpu_memory_utilization=gpu_memory_utilization or (0.3 if cuda else 0.2),
+                             gpu_memory_utilization=gpu_memory_utilization or (0.3 if cuda else 0.1),
                              max_model_len=max_model_len,
                              enable_sleep_mode=cuda if enable_sleep_mode is None else enable_sleep_mode, workdir=workdir)
 
@@ -141,5 +141,13 @@ class VLLMBackend:
             self.sleeping = False
 
     def close(self) -> None:
+        """Shut the engine down and free its KV cache and weights (the process can start another one)."""
+        import gc
+        if self.llm is not None:
+            core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+            self.llm = None
+            gc.collect()
         if self.workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)

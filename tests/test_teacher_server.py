@@ -59,7 +59,8 @@ def test_server_killed_mid_run_gives_a_clear_error_not_a_hang(server):
     killer = threading.Timer(1.5, server.kill)
     killer.start()
     t0 = time.time()
-    with pytest.raises(TeacherError, match=r"failed after 3 tries"):
-        c.chat_many([[{"role": "user", "content": f"tell me a long story {i}"}] for i in range(200)])
+    with pytest.raises(TeacherError, match=r"failed after 3 tries"):  # long answers: the kill lands mid-run
+        c.chat_many([[{"role": "user", "content": f"tell me a long story {i}"}] for i in range(200)],
+                    extra_body={"min_tokens": 400, "ignore_eos": True})
     assert time.time() - t0 < 60
     killer.join()

@@ -86,6 +86,11 @@ def test_engine_start_errors_are_clear(tmp_path):
     assert time.time() - t0 < 180
 
 
+def test_engine_close_frees_it_for_the_next_one(engine):
+    engine[3].close()
+    assert engine[3].llm is None
+
+
 def test_exgrpo_step_and_demo_with_vllm(tmp_path):
     from exgrpo.ei.pipeline import EIConfig, run_ei
     from exgrpo.trainer import SFTConfig, TrainConfig, sft, train

@@ -71,7 +71,7 @@ class ChatClient:
                 self.calls += 1
                 r = self._client.chat.completions.create(
                     model=self.cfg.model, messages=messages, temperature=kw.get("temperature", self.cfg.temperature),
-                    max_tokens=kw.get("max_tokens", self.cfg.max_tokens))
+                    max_tokens=kw.get("max_tokens", self.cfg.max_tokens), extra_body=kw.get("extra_body"))
                 return r.choices[0].message.content or ""
             except retryable as e:
                 if attempt == self.cfg.max_retries:
