@@ -91,6 +91,9 @@ class TrainConfig:
     delta: float = 0.5  # DSU bonus
     nu: float = 1.0
     dsu: bool = True  # False: ExGRPO without the bonus
+    advantage_groups: str = "question"  # normalise over all 2G rollouts of a question, or per "scenario" (G each;
+    #                                     that cancels the bonus: adding delta to every correct rollout of a group
+    #                                     is an affine change that (r - mean) / std removes)
     aux_weight: float = 0.1  # lambda, auxiliary SFT loss on the probes' teacher rationales
     policy_turns: str = "all"  # "all" student turns or only the "final" answer turn
     updates_per_batch: int = 1  # > 1: old log-probs are computed before the first update
@@ -112,6 +115,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.delta must be >= 0, got {self.delta}")
         if self.policy_turns not in ("all", "final"):
             raise ValueError(f"TrainConfig.policy_turns must be 'all' or 'final', got {self.policy_turns!r}")
+        if self.advantage_groups not in ("question", "scenario"):
+            raise ValueError(f"TrainConfig.advantage_groups must be 'question' or 'scenario', got {self.advantage_groups!r}")
         if self.backend not in ("transformers", "vllm"):
             raise ValueError(f"TrainConfig.backend must be 'transformers' or 'vllm', got {self.backend!r}")
         if self.updates_per_batch < 1 or self.questions_per_step < 1 or self.steps < 0:
@@ -395,14 +400,14 @@ def train(cfg: TrainConfig, resume: bool = False, eval_sets=None) -> dict:
         turns = [t for p in plan for t in [p["A"]] * cfg.G + [p["B"]] * cfg.G]
         dialogues = multi_turn_rollouts(backend, dtok, turns, cfg.sampling, seed=hash((cfg.seed, step, rank)) % 2**31)
         t_gen = time.time()
-        # ---- 3. rewards: outcome of the final answer, DSU bonus, group advantages (groups: question x scenario)
+        # ---- 3. rewards: outcome of the final answer, DSU bonus, group advantages (group: the question's 2G rollouts)
         rewards, groups, stats = [], [], []
         for qi, p in enumerate(plan):
             ds = dialogues[qi * 2 * cfg.G:(qi + 1) * 2 * cfg.G]
             base = [float(is_correct(last_assistant_text(dtok, d), p["answer"], p["answer_type"])) for d in ds]
             r = dsu_rewards(base[:cfg.G], base[cfg.G:], delta=cfg.delta, nu=cfg.nu, enabled=cfg.dsu)
             rewards += r.total_a + r.total_b
-            groups += [2 * qi] * cfg.G + [2 * qi + 1] * cfg.G
+            groups += [2 * qi] * cfg.G + [2 * qi + (cfg.advantage_groups == "scenario")] * cfg.G
             stats.append((r, base))
         adv = grouped_advantages(torch.tensor(rewards), torch.tensor(groups)) if rewards else torch.zeros(0)
         batch = _rollout_batch(dialogues, adv, cfg.policy_turns)

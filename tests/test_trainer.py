@@ -42,12 +42,17 @@ def test_dsu_bonus_and_advantages_by_hand():
     assert dsu_rewards([1, 0], [1, 0], delta=0.5, nu=1.0).bonus == 0  # P_full = P_partial: no bonus
     assert dsu_rewards([1, 1], [1, 0], delta=0.5, nu=2.0).bonus == 0  # 1 > 2 * 0.5 is false
     assert dsu_rewards([1, 1], [1, 0], delta=0.5, nu=1.0, enabled=False).total_a == [1.0, 1.0]
-    adv = grouped_advantages(torch.tensor(r.total_a + r.total_b), torch.tensor([0] * 4 + [1] * 4))
-    a = torch.tensor([1.5, 0, 1.5, 1.5])
-    exp_a = (a - a.mean()) / (a.std() + 1e-4)
-    b = torch.tensor([1.0, 0, 0, 0])
-    exp_b = (b - b.mean()) / (b.std() + 1e-4)
-    assert torch.allclose(adv, torch.cat([exp_a, exp_b]), atol=1e-6)
+    # the trainer's group is the question's 2G rollouts (both scenarios): the bonus lifts A's correct rollouts
+    # above B's. Per-scenario groups would cancel it ((r - mean) / std ignores a shift of every correct rollout).
+    adv = grouped_advantages(torch.tensor(r.total_a + r.total_b), torch.tensor([0] * 8))
+    x = torch.tensor([1.5, 0, 1.5, 1.5, 1.0, 0, 0, 0])
+    assert torch.allclose(adv, (x - x.mean()) / (x.std() + 1e-4), atol=1e-6)
+    assert adv[0] > adv[4] > 0  # a correct A rollout now beats a correct B rollout
+    no_bonus = grouped_advantages(torch.tensor([1.0, 0, 1, 1, 1, 0, 0, 0]), torch.tensor([0] * 8))
+    assert no_bonus[0] == no_bonus[4]
+    per_scenario = grouped_advantages(torch.tensor(r.total_a), torch.zeros(4, dtype=torch.long))
+    plain = grouped_advantages(torch.tensor([1.0, 0, 1, 1]), torch.zeros(4, dtype=torch.long))
+    assert torch.allclose(per_scenario, plain, atol=1e-3)  # (up to eps): why the default groups are per question
 
 
 def test_one_sft_step_changes_the_model(data, tmp_path):
@@ -147,6 +152,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run():
     (dict(G=1), r"G must be >= 2"),
     (dict(nu=0.5), r"nu must be >= 1, got 0.5"),
     (dict(policy_turns="some"), r"policy_turns must be 'all' or 'final'"),
+    (dict(advantage_groups="batch"), r"advantage_groups must be 'question' or 'scenario'"),
 ])
 def test_config_errors_before_any_work(over, match):
     with pytest.raises(ValueError, match=match):
