@@ -393,7 +393,9 @@ def _low_memory_backward(h, w_mat, t, lse, c, inv_tau, zdt, backend, need_h, nee
     n, H = h.shape
     V = w_mat.shape[0]
     mdt = w_mat.dtype
-    slab = auto_chunk(max(n, 1), torch.empty((), dtype=zdt).element_size(), tile_budget(h.device), 128, 1 << 20)
+    # half the forward's tile budget: the [n, slab] tile plus the fp32 [n, H] accumulator must stay under the
+    # low-memory peak (TARGETS.md: <= 1.8 GiB at M=8192, H=4096, V=151936 with 1.3 GiB of returned grads)
+    slab = auto_chunk(max(n, 1), torch.empty((), dtype=zdt).element_size(), tile_budget(h.device) // 2, 128, 1 << 20)
     hm = h.to(mdt)
     gh = torch.zeros((n, H), dtype=acc_dtype(h), device=h.device) if need_h else None
     gw = torch.full((V, H), float("nan"), dtype=wdt, device=h.device) if need_w else None
