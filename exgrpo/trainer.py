@@ -98,7 +98,9 @@ class TrainConfig:
     policy_turns: str = "all"  # "all" student turns or only the "final" answer turn
     updates_per_batch: int = 1  # > 1: old log-probs are computed before the first update
     micro_batch_tokens: int = 8192
-    backend: str = "transformers"  # transformers | vllm
+    backend: str = "auto"  # auto (vllm where installed, else transformers) | transformers | vllm | vllm-server
+    server_url: str = "http://127.0.0.1:8000/v1"  # vllm-server: the server (VLLM_SERVER_DEV_MODE=1,
+    server_model: str = "student"  #                 --logprobs-mode processed_logprobs) and its served model name
     save_every: int = 0
     seed: int = 0
     bf16: bool = True
@@ -117,8 +119,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.policy_turns must be 'all' or 'final', got {self.policy_turns!r}")
         if self.advantage_groups not in ("question", "scenario"):
             raise ValueError(f"TrainConfig.advantage_groups must be 'question' or 'scenario', got {self.advantage_groups!r}")
-        if self.backend not in ("transformers", "vllm"):
-            raise ValueError(f"TrainConfig.backend must be 'transformers' or 'vllm', got {self.backend!r}")
+        if self.backend not in ("auto", "transformers", "vllm", "vllm-server"):
+            raise ValueError(f"TrainConfig.backend must be 'auto', 'transformers', 'vllm' or 'vllm-server', "
+                             f"got {self.backend!r}")
         if self.updates_per_batch < 1 or self.questions_per_step < 1 or self.steps < 0:
             raise ValueError("TrainConfig.updates_per_batch and questions_per_step must be >= 1, steps >= 0")
 
@@ -568,9 +571,18 @@ def _update(cfg, ddp, policy, ref_h, batch: RolloutBatch, aux, opt, sched, state
 
 
 def make_backend(cfg: TrainConfig, model, tok, dtok):
-    if cfg.backend == "vllm":
+    backend = cfg.backend
+    if backend == "auto":
+        import importlib.util
+        backend = "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
+    if backend == "vllm":
         from exgrpo.vllm_backend import VLLMBackend
         return VLLMBackend.from_model(model, tok, dtok.eot, seed=cfg.seed)
+    if backend == "vllm-server":
+        from exgrpo.vllm_backend import VLLMServerBackend
+        be = VLLMServerBackend(cfg.server_url, cfg.server_model, tok, dtok.eot)
+        be.sync_weights(model)  # the server starts from the policy's weights
+        return be
     return TransformersBackend(model, tok, dtok.eot)
 
 

@@ -154,3 +154,62 @@ class VLLMBackend:
             gc.collect()
         if self.workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class VLLMServerBackend:
+    """Generation from a separate ``vllm serve`` (another GPU or node) through its OpenAI-compatible API with
+    token ids in and out; the trainer pushes weights after every step.
+
+    Start the server with ``--logprobs-mode processed_logprobs`` (log-probs that match the trainer's) and, for
+    the weight push, ``VLLM_SERVER_DEV_MODE=1`` (its ``/collective_rpc`` route). The push writes the weights
+    as safetensors under ``weights_dir`` (shared memory by default; a path both sides can read) and asks every
+    worker to ``reload_weights`` from there.
+    """
+
+    name = "vllm-server"
+
+    def __init__(self, base_url: str, model: str, tokenizer, eot_ids, *, weights_dir: str | None = None,
+                 max_concurrency: int = 32, timeout_s: float = 600.0):
+        import httpx
+        self.base = base_url.rstrip("/").removesuffix("/v1")
+        self.model, self.tok, self.eot = model, tokenizer, sorted(set(eot_ids))
+        self.weights_dir = weights_dir or tempfile.mkdtemp(prefix="exgrpo-weights-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        self.max_concurrency = max_concurrency
+        self.http = httpx.Client(timeout=timeout_s)
+
+    def _post(self, path, body):
+        r = self.http.post(self.base + path, json=body)
+        if r.status_code != 200:
+            raise RuntimeError(f"vLLM server {self.base}{path}: HTTP {r.status_code}: {r.text[:300]}")
+        return r.json() if r.content else None
+
+    def generate(self, prompts, sc: SamplingConfig, greedy: bool = False, generator_seed: int | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+        base = 0 if generator_seed is None else generator_seed
+
+        def one(i):
+            body = {"model": self.model, "prompt": list(prompts[i]), "max_tokens": sc.max_new_tokens,
+                    "temperature": 0.0 if greedy else sc.temperature, "top_p": sc.top_p,
+                    "top_k": sc.top_k if sc.top_k > 0 else -1, "logprobs": 0, "stop_token_ids": self.eot,
+                    "return_tokens_as_token_ids": True, "skip_special_tokens": False,
+                    "seed": None if greedy else (base * 1_000_003 + i) % 2**31}
+            c = self._post("/v1/completions", body)["choices"][0]["logprobs"]
+            ids = [int(t.split(":", 1)[1]) for t in c["tokens"]]
+            return Completion(ids, [float(x) for x in c["token_logprobs"]])
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, max(1, len(prompts)))) as ex:
+            return list(ex.map(one, range(len(prompts))))
+
+    def sync_weights(self, model) -> None:
+        from safetensors.torch import save_file
+        sd = {k: v.contiguous().cpu() for k, v in _merged_state(model)}
+        tmp = os.path.join(self.weights_dir, "model.safetensors.tmp")
+        save_file(sd, tmp)
+        os.replace(tmp, os.path.join(self.weights_dir, "model.safetensors"))
+        self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": self.weights_dir}})
+        r = self.http.post(self.base + "/reset_prefix_cache")  # KV blocks cached under the old weights are stale
+        if r.status_code not in (200, 404):
+            raise RuntimeError(f"vLLM server {self.base}/reset_prefix_cache: HTTP {r.status_code}: {r.text[:300]}")
+
+    def close(self) -> None:
+        self.http.close()
+        shutil.rmtree(self.weights_dir, ignore_errors=True)

@@ -165,7 +165,7 @@ def test_exgrpo_steps_and_resume_after_kill_match_an_uninterrupted_run(data, tmp
     sft_out = tmp_path / "sft"
     init = sft(SFTConfig(data=data, model=TINY, out_dir=str(sft_out), max_steps=2, batch_dialogues=4, progress=False))["final"]
     common = dict(data=data, init=init, model=TINY, steps=4, questions_per_step=2, G=2, k=2, k_partial=1,
-                  sampling=SamplingConfig(max_new_tokens=12), save_every=1, progress=False)
+                  sampling=SamplingConfig(max_new_tokens=12), save_every=1, progress=False, backend="transformers")
     ref_dir = tmp_path / "ref"
     train(TrainConfig(out_dir=str(ref_dir), **common))
     ref_metrics = [json.loads(x) for x in open(ref_dir / "metrics.jsonl")]
@@ -185,7 +185,8 @@ def test_exgrpo_steps_and_resume_after_kill_match_an_uninterrupted_run(data, tmp
         from exgrpo.model import ModelConfig
         T.train(T.TrainConfig(out_dir={str(run_dir)!r}, data={data!r}, init={init!r},
                 model=ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2), steps=4, questions_per_step=2,
-                G=2, k=2, k_partial=1, sampling=SamplingConfig(max_new_tokens=12), save_every=1, progress=False))
+                G=2, k=2, k_partial=1, sampling=SamplingConfig(max_new_tokens=12), save_every=1, progress=False,
+                backend="transformers"))
     """)
     proc = subprocess.Popen([sys.executable, "-c", script])
     latest = run_dir / "checkpoints" / "latest"

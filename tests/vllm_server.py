@@ -31,16 +31,16 @@ def free_port():
 
 
 class Server:
-    def __init__(self, model_path, name="teacher", timeout=240):
+    def __init__(self, model_path, name="teacher", timeout=240, extra_args=(), extra_env=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log = open(os.path.join(os.path.dirname(model_path), f"vllm-{self.port}.log"), "w")
-        env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
+        env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", **(extra_env or {}))
         env.pop("TRITON_INTERPRET", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path, "--served-model-name",
              name, "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", "1024",
-             "--gpu-memory-utilization", "0.2", "--dtype", "float32"],
+             "--gpu-memory-utilization", "0.2", "--dtype", "float32", *extra_args],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
