@@ -470,25 +470,31 @@ def _rollout_batch(dialogues, adv, policy_turns) -> RolloutBatch:
     return RolloutBatch(ids, mask, glp, adv.float())
 
 
+def _gen_logp_packed(gen, device):
+    """The sequences' generator log-probs per token, [T_i] each -> packed [N] aligned with the targets
+    (position i scores token i+1)."""
+    return torch.cat([torch.cat([g[1:], g.new_zeros(1)]) for g in gen]).to(device)
+
+
 def grpo_micro_batch_loss(ddp, policy, ref_h, seqs, adv, gen, loss_cfg, n_global, world, device, bf16, old=None):
     """GRPO loss of one packed micro-batch (x world: DDP averages gradients). seqs: [(ids, mask)], adv [s],
     gen: s tensors of generator log-probs per token. Returns (loss, metrics, per-token log-probs)."""
     b = pack_sequences([s[0] for s in seqs], token_mask=[s[1] for s in seqs]).to(device)
-    gen_shift = torch.cat([torch.cat([g[1:], g.new_zeros(1)]) for g in gen]).to(device)  # position i predicts i+1
     ref_logp = None
     if loss_cfg.beta != 0:
         with torch.no_grad(), autocast(device, bf16):
             ref_logp = fused_linear_logprobs(ref_h(b), ref_h.lm_head, b.targets, temperature=loss_cfg.temperature)
     with autocast(device, bf16):
         h = ddp(b)
-    gen_arg = gen_shift if loss_cfg.gen_correction != "off" else None
+    gen_packed = _gen_logp_packed(gen, device)
+    gen_arg = gen_packed if loss_cfg.gen_correction != "off" else None
     loss, metrics = fused_linear_grpo_loss(h, policy.lm_head, b.targets, b.seq_ids, adv.to(device), b.loss_mask,
                                            loss_cfg, old_logp=old, ref_logp=ref_logp, gen_logp=gen_arg,
                                            num_global_tokens=n_global)
     if gen_arg is None:  # mismatch between generator and trainer log-probs, logged every step
         with torch.no_grad():
             lp = fused_linear_logprobs(h.detach(), policy.lm_head.detach(), b.targets, temperature=loss_cfg.temperature)
-            d = (lp - gen_shift).abs()[b.loss_mask]
+            d = (lp - gen_packed).abs()[b.loss_mask]
             metrics["gen_logp_abs_diff_mean"] = d.mean() if d.numel() else d.new_zeros(())
             metrics["gen_logp_abs_diff_max"] = d.max() if d.numel() else d.new_zeros(())
     return loss * world, metrics
@@ -544,10 +550,9 @@ def _update(cfg, ddp, policy, ref_h, batch: RolloutBatch, aux, opt, sched, state
         if all_zero and update == 0:  # no policy gradient: still log the generator/trainer mismatch
             with torch.no_grad():
                 for mb in (m for m in mbs if m):
-                    b = pack_sequences([seqs[i][0] for i in mb]).to(device)
+                    b = pack_sequences([seqs[i][0] for i in mb], token_mask=[seqs[i][1] for i in mb]).to(device)
                     lp = fused_linear_logprobs(policy(b), policy.lm_head, b.targets, temperature=cfg.loss.temperature)
-                    g = torch.cat([torch.cat([batch.gen_logp[i][1:], batch.gen_logp[i].new_zeros(1)]) for i in mb]).to(device)
-                    d = (lp - g).abs()[pack_sequences([seqs[i][0] for i in mb], token_mask=[seqs[i][1] for i in mb]).loss_mask.to(device)]
+                    d = (lp - _gen_logp_packed([batch.gen_logp[i] for i in mb], device)).abs()[b.loss_mask]
                     if d.numel():
                         sums["gen_logp_abs_diff_mean"] = sums.get("gen_logp_abs_diff_mean", 0.0) + float(d.sum())
                         sums["gen_logp_abs_diff_max"] = max(sums.get("gen_logp_abs_diff_max", 0.0), float(d.max()))
