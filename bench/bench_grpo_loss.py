@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from kernels import GRPOLossConfig, fused_linear_grpo_loss, fused_linear_logprobs  # noqa: E402
-from kernels.grpo_loss import grpo_loss_reference  # noqa: E402
-from kernels.logprobs import logprobs_reference  # noqa: E402
+from exgrpo_kernels import GRPOLossConfig, fused_linear_grpo_loss, fused_linear_logprobs  # noqa: E402
+from exgrpo_kernels.grpo_loss import grpo_loss_reference  # noqa: E402
+from exgrpo_kernels.logprobs import logprobs_reference  # noqa: E402
 
 GIB = 1 << 30
 
@@ -58,7 +58,7 @@ PRESETS = {
 LOSS = dict(loss_type="dapo", importance_sampling="token", eps_low=0.2, eps_high=0.28, beta=0.04, kl_estimator="k3")
 
 
-def make_problem(shape: Shape, device, seed=0):
+def make_problem(shape: Shape, device, seed=0, all_active=False):
     g = torch.Generator(device="cpu").manual_seed(seed)
     dt = getattr(torch, shape.dtype)
     M = shape.M
@@ -67,8 +67,8 @@ def make_problem(shape: Shape, device, seed=0):
     targets = torch.randint(0, shape.V, (M,), generator=g).to(device)
     seq_ids = torch.arange(shape.B).repeat_interleave(shape.T).to(device)
     mask = torch.ones(M, dtype=torch.bool)
-    for b in range(shape.B):  # completions of varying length: the tail of each row is padding
-        mask[b * shape.T + int(shape.T * (0.5 + 0.5 * (b + 1) / shape.B)):(b + 1) * shape.T] = False
+    for b in range(shape.B if not all_active else 0):  # completions of varying length: the tail of each row is
+        mask[b * shape.T + int(shape.T * (0.5 + 0.5 * (b + 1) / shape.B)):(b + 1) * shape.T] = False  # padding (78%)
     mask = mask.to(device)
     adv = torch.randn(shape.B, generator=g).to(device)
     noise = lambda s: (s * torch.randn(M, generator=g)).to(device)  # noqa: E731
@@ -127,6 +127,8 @@ def variants(p, shape: Shape, device, skip):
 
     ours = lambda c: lambda hh, ww: fused_linear_grpo_loss(hh, ww, t, sid, adv, m, c, old_logp=old, ref_logp=ref)[0]  # noqa: E731
     out["floor_matmul"] = (1, lambda: (torch.mm(h, w.t()), None, None))
+    h_act = h[m].contiguous()  # our kernels drop the rows outside the loss before any GEMM: their own floor unit
+    out["floor_matmul_active"] = (1, lambda: (torch.mm(h_act, w.t()), None, None))
     out["ours_fast"] = (3, step(ours(cfg)))
     out["ours_low_memory"] = (4, step(ours(cfg.replace(memory_mode="low_memory"))))
     out["ours_sequence"] = (4, step(ours(cfg.replace(importance_sampling="sequence"))))
@@ -352,6 +354,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--check-rows", type=int, default=96, help="rows checked against float64 at each shape")
+    ap.add_argument("--all-active", action="store_true",
+                    help="every token in the loss (default: 78%%, completions of varying length padded to T)")
     ap.add_argument("--out", default="bench/results/latest")
     a = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -368,11 +372,11 @@ def main(argv=None):
     results = []
     for shape, only in jobs:
         tag = f"M{shape.M} H{shape.H} V{shape.V} {shape.dtype}"
-        p = make_problem(shape, device)
+        p = make_problem(shape, device, all_active=a.all_active)
         checks = check_ours(p, shape, min(a.check_rows, shape.M), device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        floor_ms = None
+        floor_ms = active_ms = None
         for name, (n_mm, fn) in variants(p, shape, device, skip).items():
             if only is not None and name not in only:
                 continue
@@ -397,8 +401,12 @@ def main(argv=None):
                 floor_ms = row["ms"]
                 if row["ms"]:
                     row["tflops"] = 2 * shape.M * shape.H * shape.V / (row["ms"] * 1e9)
+            if name == "floor_matmul_active":
+                active_ms = row["ms"]
             if row["ms"] is not None and floor_ms:
                 row["ratio_to_floor"] = row["ms"] / floor_ms
+            if row["ms"] is not None and name.startswith("ours") and name != "ours_logprobs" and active_ms:
+                row["ratio_to_active_floor"] = row["ms"] / active_ms
             results.append(row)
             ms = f"{row['ms']:9.2f}" if row["ms"] is not None else "        -"
             rt = f"{row.get('ratio_to_floor', 0):6.2f}x" if row.get("ratio_to_floor") else "      -"
@@ -409,11 +417,11 @@ def main(argv=None):
     v = verdicts(by) if device.type == "cuda" and preset == "targets" else {}
     for k, ok in v.items():
         print(f"  target {'MET ' if ok else ('MISS' if ok is False else 'n/a ')} {k}")
-    doc = {"environment": env, "preset": preset, "loss": LOSS, "shapes": [asdict(s) for s, _ in jobs],
+    doc = {"environment": env, "preset": preset, "loss": LOSS, "all_active": a.all_active, "shapes": [asdict(s) for s, _ in jobs],
            "results": results, "targets": v}
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(doc, f, indent=1)
-    keys = ["shape", "variant", "ms", "ratio_to_floor", "peak_gib", "floor_matmuls", "status"]
+    keys = ["shape", "variant", "ms", "ratio_to_floor", "ratio_to_active_floor", "peak_gib", "floor_matmuls", "status"]
     with open(os.path.join(a.out, "results.csv"), "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         wr.writeheader()

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from bench.bench_grpo_loss import environment  # noqa: E402
 from exgrpo.attention import packed_model_kwargs, use_packed_attention  # noqa: E402
-from kernels import pack_sequences, pack_sequences_reference, unpack  # noqa: E402
+from exgrpo_kernels import pack_sequences, pack_sequences_reference, unpack  # noqa: E402
 
 
 def long_tailed_lengths(n, lo, hi, seed=0, alpha=1.1):
@@ -114,9 +114,9 @@ def small_model(device):
 
 
 def bench_train(device, budget_tokens):
-    from kernels import fused_linear_logprobs
+    from exgrpo_kernels import fused_linear_logprobs
     model, cfg = small_model(device)
-    lo, hi = (64, 8192) if device.type == "cuda" else (16, 512)
+    lo, hi = (64, 2048) if device.type == "cuda" else (16, 512)
     lengths, total = [], 0
     for L in long_tailed_lengths(10000, lo, hi, seed=1):
         if total + L > budget_tokens:
@@ -185,7 +185,7 @@ def main(argv=None):
     env = environment(device)
     doc = {"environment": env, "pack": bench_pack(device)}
     print(json.dumps(doc["pack"], indent=1), flush=True)
-    doc["train"] = bench_train(device, a.train_tokens or (32768 if device.type == "cuda" else 4096))
+    doc["train"] = bench_train(device, a.train_tokens or (16384 if device.type == "cuda" else 4096))
     print(json.dumps(doc["train"], indent=1), flush=True)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "results.json"), "w") as f:

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench.bench_grpo_loss import environment  # noqa: E402
 from exgrpo.attention import use_packed_attention  # noqa: E402
 from exgrpo.model import PolicyHidden  # noqa: E402
-from kernels import GRPOLossConfig, fused_linear_grpo_loss, fused_linear_logprobs, pack_sequences  # noqa: E402
+from exgrpo_kernels import GRPOLossConfig, fused_linear_grpo_loss, fused_linear_logprobs, pack_sequences  # noqa: E402
 
 SHAPES = {
     "qwen2-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -109,7 +109,7 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = ["qwen2-0.5b", "qwen2-1.5b"] if device.type == "cuda" else ["cpu-tiny"]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    n, lo, hi = (16, 256, 2048) if device.type == "cuda" else (16, 32, 256)
+    n, lo, hi = (16, 128, 1024) if device.type == "cuda" else (16, 32, 256)
     cfg = GRPOLossConfig(loss_type="dapo", beta=0.04)
     doc = {"environment": environment(device), "batch": {"sequences": n, "lengths": [lo, hi]}, "results": []}
     for shape in shapes:

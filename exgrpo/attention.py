@@ -82,13 +82,14 @@ def packed_attention_forward(module, query, key, value, attention_mask, scaling=
     scale = scaling if scaling is not None else D ** -0.5
     p = dropout if module.training else 0.0
     q, k, v = (x.transpose(1, 2)[0] for x in (query, key, value))  # [N, H, D]
-    if query.is_cuda and _flash_varlen() is not None:
+    if query.is_cuda and _flash_varlen() is not None and query.dtype in (torch.float16, torch.bfloat16):
         window = (sliding_window - 1, 0) if sliding_window else (-1, -1)
         out = _flash_varlen()(q, k, v, cu, cu, max_len, max_len, dropout_p=p, softmax_scale=scale, causal=True,
                               window_size=window, softcap=softcap or 0.0)
         return out.unsqueeze(0), None
     tv = _torch_varlen() if query.is_cuda else None
-    if tv is not None and not p and not softcap and not sliding_window:
+    half = query.dtype in (torch.float16, torch.bfloat16)  # torch's varlen kernel takes fp16 / bf16 only
+    if tv is not None and half and not p and not softcap and not sliding_window:
         fn, params = tv
         kw = {"scale": scale}
         if "window_size" in params:

@@ -10,6 +10,7 @@ next user turn (probe) appended as token ids from the dialogue tokenizer.
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import torch
@@ -41,14 +42,47 @@ class Completion:
     logprobs: list[float]  # generator log-prob of each id under softmax(logits / temperature)
 
 
-class TransformersBackend:
+class GenerationBackend(abc.ABC):
+    """What the trainer and the evaluation need from a generator.
+
+    generate: prompts as token ids -> one Completion per prompt: the sampled ids (token-out, never re-tokenized)
+        with the generator's log-prob of each, log softmax(logits / temperature)[id] (the trainer's quantity).
+    sync_weights: make the generator sample from the policy's current weights (after every optimizer step).
+    sleep / wake_up: free and re-take the generator's GPU memory around the training phase (no-ops where the
+        generator holds none of its own).
+    close: release the generator (engine, server session, temporary files).
+    """
+
+    name: str = "backend"
+
+    @abc.abstractmethod
+    def generate(self, prompts: list[list[int]], sc: "SamplingConfig", greedy: bool = False,
+                 generator_seed: int | None = None) -> list["Completion"]:
+        ...
+
+    @abc.abstractmethod
+    def sync_weights(self, model) -> None:
+        ...
+
+    def sleep(self) -> None:
+        """Free generation memory during the training phase."""
+
+    def wake_up(self) -> None:
+        """Take generation memory back (generate calls it where needed)."""
+
+    def close(self) -> None:
+        """Release the generator."""
+
+
+class TransformersBackend(GenerationBackend):
     """Generation with the trainer's own model object (weights always in sync), left-padded batches."""
 
     name = "transformers"
 
-    def __init__(self, model, tokenizer, eot_ids, batch_size: int = 64):
+    def __init__(self, model, tokenizer, eot_ids, batch_size: int = 64, autocast_dtype: torch.dtype | None = None):
         self.model, self.tok, self.eot = model, tokenizer, set(eot_ids)
         self.batch_size = batch_size
+        self.autocast_dtype = autocast_dtype  # generate in the trainer's precision: its log-probs then match
 
     def sync_weights(self, model) -> None:
         self.model = model
@@ -60,10 +94,12 @@ class TransformersBackend:
         was_training = lm.training
         lm.eval()
         lm.set_attn_implementation("sdpa")
+        dev = next(lm.parameters()).device
         try:
             out = []
-            for i in range(0, len(prompts), self.batch_size):
-                out += self._generate(lm, prompts[i:i + self.batch_size], sc, greedy, generator_seed)
+            with torch.autocast(dev.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+                for i in range(0, len(prompts), self.batch_size):
+                    out += self._generate(lm, prompts[i:i + self.batch_size], sc, greedy, generator_seed)
             return out
         finally:
             lm.set_attn_implementation(IMPL)

@@ -11,26 +11,65 @@ import transformers
 from exgrpo.attention import packed_model_kwargs, use_packed_attention
 
 
+# Shapes of real students, built with random weights and the project's byte tokenizer (no download): for GPU
+# smoke tests, benchmarks and the memory planner. The vocabulary keeps its real size (the byte ids are its first
+# rows), so the fused loss sees the real [tokens x V] work.
+PRESETS = {
+    "qwen2.5-0.5b": dict(arch="qwen2", hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+                         num_kv_heads=2, head_dim=64, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(arch="qwen2", hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
+                         num_kv_heads=2, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(arch="qwen2", hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+                       num_kv_heads=4, head_dim=128, vocab_size=152064, tie_word_embeddings=False),
+    "gemma-7b": dict(arch="gemma", hidden_size=3072, intermediate_size=24576, num_layers=28, num_heads=16,
+                     num_kv_heads=16, head_dim=256, vocab_size=256000, tie_word_embeddings=True),
+}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str | None = None  # a Hugging Face folder; None: build the tiny student below
+    path: str | None = None  # a Hugging Face folder; None: build a random-init student from the fields below
+    preset: str | None = None  # a real shape with random weights (qwen2.5-0.5b | qwen2.5-1.5b | qwen2.5-7b | gemma-7b)
     hidden_size: int = 192
     intermediate_size: int = 512
     num_layers: int = 4
     head_dim: int = 64  # 64 so vLLM's CPU attention takes it
     max_position_embeddings: int = 4096
     tokenizer_style: str = "chatml"
-    dtype: str = "float32"  # float32 | bfloat16
+    dtype: str = "float32"  # parameter dtype: float32 (master weights; bf16 autocast on CUDA) | bfloat16
     lora_rank: int = 0  # > 0: train LoRA adapters (peft) instead of all weights
     lora_alpha: int = 64
     liger: bool = False  # Liger-Kernel RMSNorm / SwiGLU / RoPE patches (GPU)
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"ModelConfig.preset must be one of {sorted(PRESETS)} or None, got {self.preset!r}")
         if self.hidden_size % self.head_dim:
             raise ValueError(f"ModelConfig.hidden_size {self.hidden_size} is not a multiple of head_dim {self.head_dim}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"ModelConfig.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.lora_rank < 0:
+            raise ValueError(f"ModelConfig.lora_rank must be >= 0, got {self.lora_rank}")
+
+
+def hf_config(cfg: ModelConfig, tok):
+    """The transformers config of a random-init student (tiny Llama, or a preset's real shape)."""
+    if cfg.preset is None:
+        heads = cfg.hidden_size // cfg.head_dim
+        return transformers.LlamaConfig(
+            vocab_size=len(tok), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=heads, num_key_value_heads=heads, head_dim=cfg.head_dim,
+            max_position_embeddings=cfg.max_position_embeddings, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    p = PRESETS[cfg.preset]
+    cls = {"qwen2": transformers.Qwen2Config, "gemma": transformers.GemmaConfig, "llama": transformers.LlamaConfig}[p["arch"]]
+    return cls(vocab_size=p["vocab_size"], hidden_size=p["hidden_size"], intermediate_size=p["intermediate_size"],
+               num_hidden_layers=p["num_layers"], num_attention_heads=p["num_heads"],
+               num_key_value_heads=p["num_kv_heads"], head_dim=p["head_dim"],
+               max_position_embeddings=cfg.max_position_embeddings, bos_token_id=tok.bos_token_id,
+               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+               tie_word_embeddings=p["tie_word_embeddings"])
 
 
 def build_student(cfg: ModelConfig, seed: int = 0, device="cpu"):
@@ -43,14 +82,8 @@ def build_student(cfg: ModelConfig, seed: int = 0, device="cpu"):
         model = transformers.AutoModelForCausalLM.from_pretrained(cfg.path, dtype=getattr(torch, cfg.dtype))
     else:
         tok = byte_tokenizer(cfg.tokenizer_style)
-        heads = cfg.hidden_size // cfg.head_dim
-        mc = transformers.LlamaConfig(
-            vocab_size=len(tok), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_layers, num_attention_heads=heads, num_key_value_heads=heads, head_dim=cfg.head_dim,
-            max_position_embeddings=cfg.max_position_embeddings, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
         torch.manual_seed(seed)
-        model = transformers.LlamaForCausalLM(mc).to(getattr(torch, cfg.dtype))
+        model = transformers.AutoModelForCausalLM.from_config(hf_config(cfg, tok)).to(getattr(torch, cfg.dtype))
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tok.pad_token_id
         model.generation_config.eos_token_id = tok.eos_token_id
@@ -68,7 +101,8 @@ def build_student(cfg: ModelConfig, seed: int = 0, device="cpu"):
 def _apply_liger(cfg: ModelConfig):
     """Liger-Kernel's Triton patches for supported architectures (their loss patches stay off: our kernels do it)."""
     import liger_kernel.transformers as lk
-    arch = "llama" if cfg.path is None else transformers.AutoConfig.from_pretrained(cfg.path).model_type
+    arch = (PRESETS[cfg.preset]["arch"] if cfg.preset else "llama") if cfg.path is None else \
+        transformers.AutoConfig.from_pretrained(cfg.path).model_type
     fn = getattr(lk, f"apply_liger_kernel_to_{arch}", None)
     if fn is None:
         raise ValueError(f"ModelConfig.liger: Liger-Kernel has no patch for architecture {arch!r}")
@@ -83,8 +117,10 @@ def base_causal_lm(model):
 class PolicyHidden(torch.nn.Module):
     """forward(batch) -> last hidden states [N, H] of a PackedBatch; ``lm_head`` is the [V, H] weight.
 
-    Wrapping the CausalLM this way lets DDP see one forward while the loss kernels take hidden states and the
-    lm_head weight directly."""
+    forward(batch, head) -> head(hidden [N, H], lm_head weight [V, H], batch): the loss (or log-probs) computed
+    inside the module's forward. DDP and FSDP2 then see one forward per micro-batch, and under FSDP2 the
+    lm_head weight is unsharded while the fused kernel reads it (its gradient is reduce-scattered like every
+    other). The loss kernels take hidden states and the weight directly: no [N, V] logits."""
 
     def __init__(self, model):
         super().__init__()
@@ -98,6 +134,7 @@ class PolicyHidden(torch.nn.Module):
     def lm_head(self) -> torch.Tensor:
         return self.causal_lm.get_output_embeddings().weight
 
-    def forward(self, batch):
+    def forward(self, batch, head=None):
         decoder = getattr(self.causal_lm, self.causal_lm.base_model_prefix)
-        return decoder(**packed_model_kwargs(batch)).last_hidden_state[0]
+        h = decoder(**packed_model_kwargs(batch)).last_hidden_state[0]
+        return h if head is None else head(h, self.lm_head, batch)

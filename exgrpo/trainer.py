@@ -1,9 +1,9 @@
 """The ExGRPO trainer: SFT warm-up (``sft``), ExGRPO (``train``) and evaluation (``evaluate``).
 
 Read top to bottom: configs, then the SFT loop, then the ExGRPO loop (rollouts -> rewards with the DSU bonus ->
-advantages -> GRPO loss and auxiliary SFT loss on packed micro-batches), then evaluation. Every log-prob and
-loss goes through this project's kernels (fused_linear_logprobs, fused_linear_grpo_loss, grouped_advantages,
-pack_sequences); generation goes through a backend (transformers here, vLLM in exgrpo.vllm_backend).
+advantages -> GRPO loss and auxiliary SFT loss on packed micro-batches), then evaluation. The micro-steps
+(packing, the fused losses, the micro-batch loop, one policy update) are in ``exgrpo.steps``; generation goes
+through a ``GenerationBackend`` (transformers here, vLLM in exgrpo.vllm_backend).
 """
 from __future__ import annotations
 
@@ -24,22 +24,23 @@ from exgrpo.config import save_config
 from exgrpo.data.answers import is_correct
 from exgrpo.dialogue import DialogueTokenizer
 from exgrpo.dsu import dsu_rewards
-from exgrpo.generation import SamplingConfig, TransformersBackend, last_assistant_text, multi_turn_rollouts
+from exgrpo.generation import GenerationBackend, SamplingConfig, TransformersBackend, last_assistant_text, multi_turn_rollouts
 from exgrpo.io import AppendLog
-from exgrpo.model import ModelConfig, PolicyHidden, base_causal_lm, build_student
-from exgrpo.packing import plan_micro_batches
-from kernels import GRPOLossConfig, fused_linear_grpo_loss, fused_linear_logprobs, grouped_advantages, pack_sequences
+from exgrpo.model import ModelConfig, PolicyHidden, build_student
+from exgrpo.steps import (PRECISIONS, GRPOInputs, StepContext, autocast_dtype, grpo_update, policy_logprobs,
+                          sft_backward)
+from exgrpo_kernels import GRPOLossConfig, grouped_advantages
 
 # ================================================================================================ configs
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float = 1e-3  # peak learning rate (AdamW, betas 0.9 / 0.95)
     weight_decay: float = 0.0
-    warmup_steps: int = 10
+    warmup_steps: int = 10  # linear warm-up, then cosine decay (transformers' schedule)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global gradient norm
     max_nonfinite: int = 5  # steps with a non-finite loss or gradient are skipped; more than this stops the run
 
     def __post_init__(self):
@@ -47,6 +48,17 @@ class OptimConfig:
             raise ValueError(f"OptimConfig.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
             raise ValueError(f"OptimConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"OptimConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+def _check_common(name, cfg):
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"{name}.precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+    if cfg.kernel_backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"{name}.kernel_backend must be 'auto', 'triton' or 'torch', got {cfg.kernel_backend!r}")
+    if cfg.micro_batch_tokens < 1:
+        raise ValueError(f"{name}.micro_batch_tokens must be >= 1, got {cfg.micro_batch_tokens}")
 
 
 @dataclass(frozen=True)
@@ -54,42 +66,44 @@ class SFTConfig:
     data: str = "runs/ei/d_ei.jsonl"  # D_EI dialogues (exgrpo ei)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    out_dir: str = "runs/sft"
+    out_dir: str = "runs/sft"  # run folder: config.yaml, metrics.jsonl, tb/, checkpoints/, final/
     epochs: int = 3  # paper ablation: 3
-    max_steps: int | None = None
+    max_steps: int | None = None  # stop after this many steps (default: epochs over the data)
     batch_dialogues: int = 16  # global batch, in dialogues
     micro_batch_tokens: int = 8192  # packed tokens per forward/backward
     turns: str = "all"  # loss on all assistant turns, or "last"
-    save_every: int = 0  # steps; 0: at the end only
-    log_every: int = 1
+    save_every: int = 0  # steps between checkpoints; 0: at the end only
+    log_every: int = 1  # steps between metric records
     seed: int = 0
-    bf16: bool = True  # autocast on CUDA
-    progress: bool = True
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on the CPU) | bf16 (autocast anywhere) | fp32
+    kernel_backend: str = "auto"  # fused kernels: auto (Triton on CUDA, torch on the CPU) | triton | torch
+    progress: bool = True  # progress bar
 
     def __post_init__(self):
         if self.turns not in ("all", "last"):
             raise ValueError(f"SFTConfig.turns must be 'all' or 'last', got {self.turns!r}")
-        if self.epochs < 1 or self.batch_dialogues < 1 or self.micro_batch_tokens < 1:
-            raise ValueError("SFTConfig.epochs, batch_dialogues and micro_batch_tokens must be >= 1")
+        if self.epochs < 1 or self.batch_dialogues < 1:
+            raise ValueError(f"SFTConfig.epochs and batch_dialogues must be >= 1, got {self.epochs}, {self.batch_dialogues}")
+        _check_common("SFTConfig", self)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: str = "runs/ei/d_ei.jsonl"
+    data: str = "runs/ei/d_ei.jsonl"  # D_EI (exgrpo ei): questions with their probes and rationales
     init: str | None = "runs/sft/final"  # the SFT model (policy start and frozen reference); None: model config
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=0))
     loss: GRPOLossConfig = field(default_factory=lambda: GRPOLossConfig(loss_type="dapo", beta=0.04, eps_low=0.2,
                                                                          eps_high=0.2, compute_entropy=True))
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    out_dir: str = "runs/exgrpo"
-    steps: int = 100
+    out_dir: str = "runs/exgrpo"  # run folder
+    steps: int = 100  # optimizer steps (one batch of questions each)
     questions_per_step: int = 8  # global
     G: int = 8  # trajectories per scenario
     k: int = 5  # probes in Scenario A
     k_partial: int = 2  # probes in Scenario B (k')
     delta: float = 0.5  # DSU bonus
-    nu: float = 1.0
+    nu: float = 1.0  # the bonus fires when P_full > nu * P_partial
     dsu: bool = True  # False: ExGRPO without the bonus
     advantage_groups: str = "question"  # normalise over all 2G rollouts of a question, or per "scenario" (G each;
     #                                     that cancels the bonus: adding delta to every correct rollout of a group
@@ -97,13 +111,15 @@ class TrainConfig:
     aux_weight: float = 0.1  # lambda, auxiliary SFT loss on the probes' teacher rationales
     policy_turns: str = "all"  # "all" student turns or only the "final" answer turn
     updates_per_batch: int = 1  # > 1: old log-probs are computed before the first update
-    micro_batch_tokens: int = 8192
-    backend: str = "auto"  # auto (vllm where installed, else transformers) | transformers | vllm | vllm-server
+    micro_batch_tokens: int = 8192  # packed tokens per forward/backward
+    backend: str = "auto"  # generation: auto (vllm where installed, else transformers) | transformers | vllm | vllm-server
     server_url: str = "http://127.0.0.1:8000/v1"  # vllm-server: the server (VLLM_SERVER_DEV_MODE=1,
     server_model: str = "student"  #                 --logprobs-mode processed_logprobs) and its served model name
-    save_every: int = 0
+    save_every: int = 0  # steps between checkpoints; 0: at the end only
+    log_samples: int = 2  # rollout dialogues per scenario written to samples.jsonl each step (0: none)
     seed: int = 0
-    bf16: bool = True
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on the CPU) | bf16 | fp32
+    kernel_backend: str = "auto"  # fused kernels: auto | triton | torch
     progress: bool = True
 
     def __post_init__(self):
@@ -123,51 +139,63 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.backend must be 'auto', 'transformers', 'vllm' or 'vllm-server', "
                              f"got {self.backend!r}")
         if self.updates_per_batch < 1 or self.questions_per_step < 1 or self.steps < 0:
-            raise ValueError("TrainConfig.updates_per_batch and questions_per_step must be >= 1, steps >= 0")
+            raise ValueError(f"TrainConfig.updates_per_batch and questions_per_step must be >= 1 and steps >= 0, got "
+                             f"{self.updates_per_batch}, {self.questions_per_step}, {self.steps}")
+        if self.sampling.temperature != self.loss.temperature:
+            raise ValueError(f"TrainConfig.sampling.temperature ({self.sampling.temperature}) and loss.temperature "
+                             f"({self.loss.temperature}) must agree: the trainer's log-probs must be those of the "
+                             f"distribution the rollouts were sampled from")
+        _check_common("TrainConfig", self)
 
 
 # ================================================================================================ shared pieces
 
 
-def read_jsonl(path):
+def read_jsonl(path, field_name: str = "data"):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no data at {path} (run `exgrpo ei` first)")
+        raise FileNotFoundError(f"{field_name}: no such file {path} (run `exgrpo ei` first)")
     with open(path) as f:
         return [json.loads(x) for x in f if x.strip()]
 
 
 def make_optimizer(model, oc: OptimConfig, total_steps: int):
+    """AdamW over the trainable parameters; torch's schedulers: linear warm-up from lr / (warmup + 1) (the first
+    step already learns), then cosine decay to lr * min_lr_ratio at ``total_steps``."""
+    from torch.optim import lr_scheduler as S
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=oc.lr, weight_decay=oc.weight_decay, betas=(0.9, 0.95))
-
-    def schedule(step):
-        if step < oc.warmup_steps:
-            return (step + 1) / (oc.warmup_steps + 1)
-        t = (step - oc.warmup_steps) / max(1, total_steps - oc.warmup_steps)
-        return oc.min_lr_ratio + (1 - oc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    w = min(oc.warmup_steps, max(0, total_steps - 1))
+    cosine = S.CosineAnnealingLR(opt, T_max=max(1, total_steps - w), eta_min=oc.lr * oc.min_lr_ratio)
+    if w == 0:
+        return opt, cosine
+    warm = S.LinearLR(opt, start_factor=1.0 / (w + 1), end_factor=1.0, total_iters=w)
+    return opt, S.SequentialLR(opt, [warm, cosine], milestones=[w])
 
 
 class MetricsLog:
-    """metrics.jsonl (append-only, cut back to the checkpoint on resume) and TensorBoard, main rank only."""
+    """metrics.jsonl and samples.jsonl (append-only, cut back to the checkpoint on resume) and TensorBoard,
+    main rank only."""
 
     def __init__(self, out_dir, resume_step: int):
         self.main = distributed.is_main()
-        self.log = None
-        self.tb = None
+        self.log = self.samples = self.tb = None
         if not self.main:
             return
-        path = os.path.join(out_dir, "metrics.jsonl")
-        if os.path.exists(path):  # drop steps after the checkpoint we resume from
-            keep = [x for x in open(path) if x.strip() and json.loads(x)["step"] < resume_step]
-            with open(path, "w") as f:
-                f.writelines(keep)
-        self.log = AppendLog(path, lambda r: r["step"])
+        self.log = self._open(os.path.join(out_dir, "metrics.jsonl"), resume_step)
+        self.samples = self._open(os.path.join(out_dir, "samples.jsonl"), resume_step, key=lambda r: (r["step"], r["i"]))
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
         except ImportError:
             self.tb = None
+
+    @staticmethod
+    def _open(path, resume_step, key=lambda r: r["step"]):
+        if os.path.exists(path):  # drop steps after the checkpoint we resume from
+            keep = [x for x in open(path) if x.strip() and json.loads(x)["step"] < resume_step]
+            with open(path, "w") as f:
+                f.writelines(keep)
+        return AppendLog(path, key)
 
     def write(self, rec: dict):
         if not self.main:
@@ -178,11 +206,20 @@ class MetricsLog:
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(k, v, rec["step"])
 
+    def write_samples(self, step: int, samples: list[dict]):
+        """A few full rollout dialogues of a step (bounded: each text cut to 4000 characters)."""
+        if not self.main or not samples:
+            return
+        self.samples.extend({"step": step, "i": i, **s} for i, s in enumerate(samples))
+        if self.tb is not None:
+            md = "\n\n---\n\n".join(f"**{s['scenario']}** reward {s['reward']:.2f}\n\n```\n{s['text']}\n```"
+                                      for s in samples)
+            self.tb.add_text("rollouts", md, step)
+
     def close(self):
-        if self.log:
-            self.log.close()
-        if self.tb:
-            self.tb.close()
+        for x in (self.log, self.samples, self.tb):
+            if x is not None:
+                x.close()
 
 
 def peak_memory_gib(device) -> float:
@@ -191,32 +228,34 @@ def peak_memory_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-def autocast(device, enabled):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if (enabled and device.type == "cuda") else torch.autocast(
-        "cpu", enabled=False)
+@dataclass
+class NonFiniteGuard:
+    """Counts steps skipped for a non-finite loss or gradient; more than ``limit`` stop the run."""
+
+    limit: int
+    count: int = 0
+
+    def record_skip(self):
+        self.count += 1
+        if self.count > self.limit:
+            raise RuntimeError(f"{self.count} steps with a non-finite loss or gradient (max_nonfinite={self.limit}): "
+                               f"stopping")
 
 
-def micro_batches(lengths, max_tokens):
-    """This rank's micro-batches (lists of indices); every rank runs the same count (DDP)."""
-    plan = plan_micro_batches(lengths, max_tokens, truncate=True)
-    k = int(distributed.all_max(plan.num_micro_batches))
-    if k != plan.num_micro_batches:
-        plan = plan_micro_batches(lengths, max_tokens, truncate=True, min_micro_batches=k)
-    return plan.plan[0]
-
-
-def optimizer_step(model, opt, sched, oc: OptimConfig, loss_ok: bool, state: dict) -> tuple[bool, float]:
-    """Clip, check, step. A non-finite loss or gradient skips the step; too many stop the run."""
+def optimizer_step(model, opt, sched, oc: OptimConfig, loss_ok: bool | None, guard: NonFiniteGuard):
+    """Clip, check, step. ``loss_ok`` None: nothing was backpropagated (the schedule still advances). A non-finite
+    loss or gradient skips the step. Returns (stepped, grad_norm or None)."""
+    if loss_ok is None:
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        return False, None
     params = [p for p in model.parameters() if p.requires_grad]
     norm = float(torch.nn.utils.clip_grad_norm_(params, oc.grad_clip))
     ok = loss_ok and math.isfinite(norm)
     if ok:
         opt.step()
     else:
-        state["nonfinite"] = state.get("nonfinite", 0) + 1
-        if state["nonfinite"] > oc.max_nonfinite:
-            raise RuntimeError(f"{state['nonfinite']} steps with a non-finite loss or gradient "
-                               f"(max_nonfinite={oc.max_nonfinite}): stopping")
+        guard.record_skip()
     opt.zero_grad(set_to_none=True)
     sched.step()
     return ok, norm
@@ -229,9 +268,10 @@ def wrap_ddp(policy: PolicyHidden, device):
     return DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def no_sync(module, last: bool):
-    import contextlib
-    return module.no_sync() if (hasattr(module, "no_sync") and not last) else contextlib.nullcontext()
+def step_context(cfg, policy: PolicyHidden, device, ref: PolicyHidden | None = None) -> StepContext:
+    return StepContext(policy=policy, module=wrap_ddp(policy, device), device=device, world=distributed.world(),
+                       autocast_dtype=autocast_dtype(cfg.precision, device), kernel_backend=cfg.kernel_backend,
+                       micro_batch_tokens=cfg.micro_batch_tokens, ref=ref)
 
 
 def save_final(out_dir, model, tok):
@@ -262,40 +302,34 @@ def sft(cfg: SFTConfig, resume: bool = False) -> dict:
     rank, world, device = distributed.init()
     if distributed.is_main():
         save_config(cfg, cfg.out_dir)
+    records = read_jsonl(cfg.data)
     model, tok = load_policy(cfg.model, None, cfg.seed, device)
     dtok = DialogueTokenizer(tok)
-    records = read_jsonl(cfg.data)
     data = [dtok.encode(r["messages"]).tensors(cfg.turns) for r in records]
     steps_per_epoch = math.ceil(len(data) / cfg.batch_dialogues)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     policy = PolicyHidden(model).train()
-    ddp = wrap_ddp(policy, device)
+    ctx = step_context(cfg, policy, device)
     opt, sched = make_optimizer(model, cfg.optim, total)
-    state = {"step": 0}
+    state, guard = {"step": 0}, NonFiniteGuard(cfg.optim.max_nonfinite)
     ck = checkpoint.latest(cfg.out_dir) if resume else None
     if ck:
         state = _restore(ck, model, opt, sched)
+        guard.count = state.get("nonfinite", 0)
     log = MetricsLog(cfg.out_dir, state["step"])
     bar = tqdm(range(state["step"], total), desc="sft", disable=not (cfg.progress and distributed.is_main()))
     for step in bar:
         t0 = time.time()
+        # ---- this step's dialogues: a permutation per epoch (deterministic: resume replays it), split over ranks
         epoch, pos = divmod(step, steps_per_epoch)
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
-        batch_idx = order[pos * cfg.batch_dialogues:(pos + 1) * cfg.batch_dialogues][rank::world]
-        seqs = [data[i] for i in batch_idx]
-        n_local = sum(int(m[1:].sum()) for _, m in seqs)
-        n_global = distributed.all_sum(n_local)
-        total_loss, ok = 0.0, True
-        mbs = micro_batches([len(s[0]) for s in seqs], cfg.micro_batch_tokens)
-        for j, mb in enumerate(mbs):
-            with no_sync(ddp, j == len(mbs) - 1):
-                loss = _nll_loss(ddp, policy, [seqs[i] for i in mb], n_global, world, device, cfg.bf16)
-                loss.backward()
-            total_loss += float(loss.detach()) / world
-            ok &= math.isfinite(float(loss.detach()))
-        stepped, gnorm = optimizer_step(model, opt, sched, cfg.optim, ok, state)
-        state["step"] = step + 1
-        rec = {"step": step, "loss": distributed.all_sum(total_loss), "grad_norm": gnorm, "skipped": not stepped,
+        seqs = [data[i] for i in order[pos * cfg.batch_dialogues:(pos + 1) * cfg.batch_dialogues][rank::world]]
+        # ---- NLL of the assistant turns, packed micro-batches, normalised by the global token count
+        stats = sft_backward(ctx, seqs)
+        stepped, gnorm = optimizer_step(model, opt, sched, cfg.optim, stats.finite, guard)
+        state.update(step=step + 1, nonfinite=guard.count)
+        n_global = stats.metric_sums["num_tokens"]
+        rec = {"step": step, "loss": distributed.all_sum(stats.loss), "grad_norm": gnorm, "skipped": not stepped,
                "lr": sched.get_last_lr()[0], "tokens": n_global, "tokens_per_s": n_global / (time.time() - t0),
                "peak_mem_gib": peak_memory_gib(device)}
         if step % cfg.log_every == 0 or step == total - 1:
@@ -303,17 +337,6 @@ def sft(cfg: SFTConfig, resume: bool = False) -> dict:
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
         _maybe_checkpoint(cfg, step, model, tok, state, opt, sched)
     return _finish(cfg, log, model, tok, total)
-
-
-def _nll_loss(ddp, policy, seqs, n_global, world, device, bf16):
-    """Sum of -log p over the masked tokens of these sequences / global count (x world: DDP averages)."""
-    if not seqs:  # this rank has fewer sequences than micro-batches: a zero loss keeps DDP in step
-        return sum(p.sum() for p in policy.parameters() if p.requires_grad) * 0.0
-    b = pack_sequences([s[0] for s in seqs], token_mask=[s[1] for s in seqs]).to(device)
-    with autocast(device, bf16):
-        h = ddp(b)
-    logp = fused_linear_logprobs(h, policy.lm_head, torch.where(b.loss_mask, b.targets, -100))
-    return -(logp.sum()) / max(n_global, 1) * world
 
 
 def _maybe_checkpoint(cfg, step, model, tok, state, opt, sched):
@@ -345,7 +368,7 @@ def _restore(path, model, opt, sched) -> dict:
     else:
         missing, unexpected = target.load_state_dict(sd, strict=False)
         if unexpected or [m for m in missing if "lm_head" not in m or not model.config.tie_word_embeddings]:
-            raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
+            raise ValueError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
     st = checkpoint.load_state(path)
     opt.load_state_dict(st["optimizer"])
     sched.load_state_dict(st["scheduler"])
@@ -371,25 +394,30 @@ class RolloutBatch:
     gen_logp: list
     advantages: torch.Tensor
 
+    def inputs(self) -> GRPOInputs:
+        return GRPOInputs(seqs=list(zip(self.ids, self.mask)), advantages=self.advantages, gen_logp=self.gen_logp)
 
-def train(cfg: TrainConfig, resume: bool = False, eval_sets=None) -> dict:
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
     rank, world, device = distributed.init()
     if distributed.is_main():
         save_config(cfg, cfg.out_dir)
-    model, tok = load_policy(cfg.model, cfg.init, cfg.seed, device)
-    ref, _ = load_policy(cfg.model, cfg.init, cfg.seed, device)  # the frozen reference: the same start
-    ref.requires_grad_(False).eval()
-    dtok = DialogueTokenizer(tok)
     questions = [r for r in read_jsonl(cfg.data) if r["probes"]]
+    model, tok = load_policy(cfg.model, cfg.init, cfg.seed, device)
+    ref = None
+    if cfg.loss.beta != 0:
+        ref, _ = load_policy(cfg.model, cfg.init, cfg.seed, device)  # the frozen reference: the same start
+        ref = PolicyHidden(ref.requires_grad_(False).eval()).eval()
+    dtok = DialogueTokenizer(tok)
     policy = PolicyHidden(model).train()
-    ref_h = PolicyHidden(ref).eval()
-    ddp = wrap_ddp(policy, device)
+    ctx = step_context(cfg, policy, device, ref=ref)
     opt, sched = make_optimizer(model, cfg.optim, cfg.steps)
     backend = make_backend(cfg, model, tok, dtok)
-    state = {"step": 0}
+    state, guard = {"step": 0}, NonFiniteGuard(cfg.optim.max_nonfinite)
     ck = checkpoint.latest(cfg.out_dir) if resume else None
     if ck:
         state = _restore(ck, model, opt, sched)
+        guard.count = state.get("nonfinite", 0)
         backend.sync_weights(model)
     log = MetricsLog(cfg.out_dir, state["step"])
     bar = tqdm(range(state["step"], cfg.steps), desc="exgrpo", disable=not (cfg.progress and distributed.is_main()))
@@ -401,7 +429,7 @@ def train(cfg: TrainConfig, resume: bool = False, eval_sets=None) -> dict:
         plan = [_scenarios(questions[i], cfg, random.Random(f"{cfg.seed}-{step}-{i}")) for i in picked]
         # ---- 2. rollouts: G trajectories of Scenario A and of Scenario B per question, turn by turn
         turns = [t for p in plan for t in [p["A"]] * cfg.G + [p["B"]] * cfg.G]
-        dialogues = multi_turn_rollouts(backend, dtok, turns, cfg.sampling, seed=hash((cfg.seed, step, rank)) % 2**31)
+        dialogues = multi_turn_rollouts(backend, dtok, turns, cfg.sampling, seed=(cfg.seed * 1_000_003 + step) * 64 + rank)
         t_gen = time.time()
         # ---- 3. rewards: outcome of the final answer, DSU bonus, group advantages (group: the question's 2G rollouts)
         rewards, groups, stats = [], [], []
@@ -416,17 +444,20 @@ def train(cfg: TrainConfig, resume: bool = False, eval_sets=None) -> dict:
         batch = _rollout_batch(dialogues, adv, cfg.policy_turns)
         aux = [dtok.encode(p["aux_messages"]).tensors("all") for p in plan] if cfg.aux_weight > 0 else []
         t_score = time.time()
-        if hasattr(backend, "sleep"):
-            backend.sleep()  # vLLM on CUDA frees its KV cache while we train
-        # ---- 4. training phase: GRPO loss (+ lambda x aux SFT) on packed micro-batches
-        m = _update(cfg, ddp, policy, ref_h, batch, aux, opt, sched, state, world, device)
+        backend.sleep()  # vLLM on CUDA frees its memory while we train
+        # ---- 4. training phase: reference log-probs once, then GRPO loss (+ lambda x aux SFT) on packed micro-batches
+        x = batch.inputs()
+        if ref is not None:
+            x.ref_logp = policy_logprobs(ctx, ref, x.seqs, cfg.loss.temperature)
+        upd = grpo_update(ctx, x, aux, cfg.loss, cfg.aux_weight, cfg.updates_per_batch,
+                          lambda ok: optimizer_step(model, opt, sched, cfg.optim, ok, guard))
         backend.sync_weights(model)
-        state["step"] = step + 1
+        state.update(step=step + 1, nonfinite=guard.count)
         t_end = time.time()
-        # ---- 5. metrics and checkpoints
-        n_tok = distributed.all_sum(sum(int(x.sum()) for x in batch.mask))
+        # ---- 5. metrics, samples and checkpoints
+        n_tok = distributed.all_sum(sum(int(m.sum()) for m in batch.mask))
         resp = [sum(d.generated) / max(1, sum(r == "assistant" for r in d.roles)) for d in dialogues]
-        rec = {"step": step, **m,
+        rec = {"step": step, **upd.record(),
                "reward": _gmean([x for r, _ in stats for x in r.total_a + r.total_b]),
                "reward_base_A": _gmean([x for _, b in stats for x in b[:cfg.G]]),
                "reward_base_B": _gmean([x for _, b in stats for x in b[cfg.G:]]),
@@ -436,10 +467,10 @@ def train(cfg: TrainConfig, resume: bool = False, eval_sets=None) -> dict:
                "tokens_per_s": n_tok / (t_end - t0), "time_gen_s": t_gen - t0, "time_score_s": t_score - t_gen,
                "time_train_s": t_end - t_score, "lr": sched.get_last_lr()[0], "peak_mem_gib": peak_memory_gib(device)}
         log.write(rec)
+        log.write_samples(step, _samples(cfg, plan, dialogues, rewards, dtok))
         bar.set_postfix(reward=f"{rec['reward_base_A']:.2f}")
         _maybe_checkpoint(cfg, step, model, tok, state, opt, sched)
-    if hasattr(backend, "close"):
-        backend.close()
+    backend.close()
     return _finish(cfg, log, model, tok, cfg.steps)
 
 
@@ -470,112 +501,20 @@ def _rollout_batch(dialogues, adv, policy_turns) -> RolloutBatch:
     return RolloutBatch(ids, mask, glp, adv.float())
 
 
-def _gen_logp_packed(gen, device):
-    """The sequences' generator log-probs per token, [T_i] each -> packed [N] aligned with the targets
-    (position i scores token i+1)."""
-    return torch.cat([torch.cat([g[1:], g.new_zeros(1)]) for g in gen]).to(device)
-
-
-def grpo_micro_batch_loss(ddp, policy, ref_h, seqs, adv, gen, loss_cfg, n_global, world, device, bf16, old=None):
-    """GRPO loss of one packed micro-batch (x world: DDP averages gradients). seqs: [(ids, mask)], adv [s],
-    gen: s tensors of generator log-probs per token. Returns (loss, metrics, per-token log-probs)."""
-    b = pack_sequences([s[0] for s in seqs], token_mask=[s[1] for s in seqs]).to(device)
-    ref_logp = None
-    if loss_cfg.beta != 0:
-        with torch.no_grad(), autocast(device, bf16):
-            ref_logp = fused_linear_logprobs(ref_h(b), ref_h.lm_head, b.targets, temperature=loss_cfg.temperature)
-    with autocast(device, bf16):
-        h = ddp(b)
-    gen_packed = _gen_logp_packed(gen, device)
-    gen_arg = gen_packed if loss_cfg.gen_correction != "off" else None
-    loss, metrics = fused_linear_grpo_loss(h, policy.lm_head, b.targets, b.seq_ids, adv.to(device), b.loss_mask,
-                                           loss_cfg, old_logp=old, ref_logp=ref_logp, gen_logp=gen_arg,
-                                           num_global_tokens=n_global)
-    if gen_arg is None:  # mismatch between generator and trainer log-probs, logged every step
-        with torch.no_grad():
-            lp = fused_linear_logprobs(h.detach(), policy.lm_head.detach(), b.targets, temperature=loss_cfg.temperature)
-            d = (lp - gen_packed).abs()[b.loss_mask]
-            metrics["gen_logp_abs_diff_mean"] = d.mean() if d.numel() else d.new_zeros(())
-            metrics["gen_logp_abs_diff_max"] = d.max() if d.numel() else d.new_zeros(())
-    return loss * world, metrics
-
-
-def _update(cfg, ddp, policy, ref_h, batch: RolloutBatch, aux, opt, sched, state, world, device) -> dict:
-    seqs = list(zip(batch.ids, batch.mask))
-    n_global = distributed.all_sum(sum(int(m[1:].sum()) for m in batch.mask))
-    all_zero = distributed.all_sum(float(batch.advantages.abs().sum())) == 0
-    mbs = micro_batches([len(s[0]) for s in seqs], cfg.micro_batch_tokens)
-    out = {"loss": 0.0, "aux_loss": 0.0, "skipped_zero_adv": all_zero}
-    sums = {}
-    n_aux = distributed.all_sum(sum(int(m[1:].sum()) for _, m in aux)) if aux else 0
-    for update in range(cfg.updates_per_batch):
-        olds = None
-        if cfg.updates_per_batch > 1 and update == 0:  # old log-probs, before the first update
-            with torch.no_grad():
-                olds = []
-                for mb in mbs:
-                    b = pack_sequences([seqs[i][0] for i in mb]).to(device) if mb else None
-                    olds.append(fused_linear_logprobs(policy(b), policy.lm_head, b.targets,
-                                                      temperature=cfg.loss.temperature) if mb else None)
-            state["_old"] = olds
-        olds = state.get("_old")
-        ok = True
-        if not all_zero:
-            for j, mb in enumerate(mbs):
-                with no_sync(ddp, j == len(mbs) - 1 and not aux):
-                    if not mb:
-                        loss = sum(p.sum() for p in policy.parameters() if p.requires_grad) * 0.0
-                        metrics = {}
-                    else:
-                        loss, metrics = grpo_micro_batch_loss(
-                            ddp, policy, ref_h, [seqs[i] for i in mb], batch.advantages[mb], [batch.gen_logp[i] for i in mb],
-                            cfg.loss, n_global, world, device, cfg.bf16, old=None if olds is None else olds[j])
-                    loss.backward()
-                out["loss"] += float(loss.detach()) / world
-                ok &= math.isfinite(float(loss.detach()))
-                for k, v in metrics.items():
-                    w = float(metrics.get("num_tokens", 1))
-                    if k == "gen_logp_abs_diff_max":
-                        sums[k] = max(sums.get(k, 0.0), float(v))
-                    else:
-                        sums[k] = sums.get(k, 0.0) + float(v) * (w if k != "num_tokens" else 1)
-        if aux:  # lambda x SFT on the probes' teacher rationales
-            amb = micro_batches([len(s[0]) for s in aux], cfg.micro_batch_tokens)
-            for j, mb in enumerate(amb):
-                with no_sync(ddp, j == len(amb) - 1):
-                    loss = _nll_loss(ddp, policy, [aux[i] for i in mb], n_aux, world, device, cfg.bf16) * cfg.aux_weight
-                    loss.backward()
-                out["aux_loss"] += float(loss.detach()) / world / cfg.aux_weight
-                ok &= math.isfinite(float(loss.detach()))
-        if all_zero and update == 0:  # no policy gradient: still log the generator/trainer mismatch
-            with torch.no_grad():
-                for mb in (m for m in mbs if m):
-                    b = pack_sequences([seqs[i][0] for i in mb], token_mask=[seqs[i][1] for i in mb]).to(device)
-                    lp = fused_linear_logprobs(policy(b), policy.lm_head, b.targets, temperature=cfg.loss.temperature)
-                    d = (lp - _gen_logp_packed([batch.gen_logp[i] for i in mb], device)).abs()[b.loss_mask]
-                    if d.numel():
-                        sums["gen_logp_abs_diff_mean"] = sums.get("gen_logp_abs_diff_mean", 0.0) + float(d.sum())
-                        sums["gen_logp_abs_diff_max"] = max(sums.get("gen_logp_abs_diff_max", 0.0), float(d.max()))
-                        sums["num_tokens"] = sums.get("num_tokens", 0.0) + d.numel()
-        if all_zero and not aux:
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            continue
-        stepped, gnorm = optimizer_step(policy, opt, sched, cfg.optim, ok, state)
-        out.update(grad_norm=gnorm, skipped_nonfinite=not stepped)
-    state.pop("_old", None)
-    n = max(1.0, sums.get("num_tokens", 0.0))
-    for k, v in sums.items():
-        if k == "gen_logp_abs_diff_max":
-            out[k] = distributed.all_max(v)
-        elif k != "num_tokens":
-            out[k] = distributed.all_sum(v) / max(1.0, distributed.all_sum(n))
-    out["loss"] = distributed.all_sum(out["loss"])
-    out["aux_loss"] = distributed.all_sum(out["aux_loss"])
+def _samples(cfg: TrainConfig, plan, dialogues, rewards, dtok) -> list[dict]:
+    """The first ``log_samples`` rollouts of each scenario of the first question of this rank."""
+    if not cfg.log_samples or not plan:
+        return []
+    out = []
+    for scen, off in (("A", 0), ("B", cfg.G)):
+        for j in range(min(cfg.log_samples, cfg.G)):
+            d = dialogues[off + j]
+            out.append({"scenario": scen, "reward": rewards[off + j], "answer": plan[0]["answer"],
+                        "text": dtok.tok.decode(d.input_ids)[:4000]})
     return out
 
 
-def make_backend(cfg: TrainConfig, model, tok, dtok):
+def make_backend(cfg: TrainConfig, model, tok, dtok) -> GenerationBackend:
     backend = cfg.backend
     if backend == "auto":
         import importlib.util
@@ -588,13 +527,14 @@ def make_backend(cfg: TrainConfig, model, tok, dtok):
         be = VLLMServerBackend(cfg.server_url, cfg.server_model, tok, dtok.eot)
         be.sync_weights(model)  # the server starts from the policy's weights
         return be
-    return TransformersBackend(model, tok, dtok.eot)
+    return TransformersBackend(model, tok, dtok.eot, autocast_dtype=autocast_dtype(cfg.precision, next(model.parameters()).device))
 
 
 # ================================================================================================ evaluation
 
 
-def evaluate(model, tok, examples, *, batch_size: int = 64, max_new_tokens: int = 96, backend=None) -> dict:
+def evaluate(model, tok, examples, *, batch_size: int = 64, max_new_tokens: int = 96,
+             backend: GenerationBackend | None = None) -> dict:
     """Greedy accuracy per data set: the student answers each question directly (no probes)."""
     dtok = DialogueTokenizer(tok)
     backend = backend or TransformersBackend(model, tok, dtok.eot, batch_size=batch_size)

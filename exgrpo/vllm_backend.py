@@ -15,7 +15,7 @@ import tempfile
 
 import torch
 
-from exgrpo.generation import Completion, SamplingConfig
+from exgrpo.generation import Completion, GenerationBackend, SamplingConfig
 from exgrpo.model import base_causal_lm
 
 
@@ -36,7 +36,7 @@ def _merged_state(model):
     return [(k, v.detach()) for k, v in base_causal_lm(model).state_dict().items()]
 
 
-class VLLMBackend:
+class VLLMBackend(GenerationBackend):
     name = "vllm"
 
     def __init__(self, llm, tokenizer, eot_ids, workdir=None, seed: int = 0):
@@ -156,7 +156,7 @@ class VLLMBackend:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-class VLLMServerBackend:
+class VLLMServerBackend(GenerationBackend):
     """Generation from a separate ``vllm serve`` (another GPU or node) through its OpenAI-compatible API with
     token ids in and out; the trainer pushes weights after every step.
 

@@ -1,4 +1,5 @@
-"""Shared helpers for the kernels: backend choice, chunk sizing, matmuls with fp32 accumulation."""
+"""Shared helpers for the kernels: backend choice, GEMM dtype under autocast, input layout, chunk sizing,
+matmuls with fp32 accumulation."""
 from __future__ import annotations
 
 import functools
@@ -8,6 +9,7 @@ import torch
 
 IGNORE_INDEX = -100
 _BACKENDS = ("auto", "triton", "torch")
+BACKEND_ENV = "EXGRPO_KERNEL_BACKEND"  # forces the backend that "auto" resolves to (CI: triton under the interpreter)
 
 
 def interpret_mode() -> bool:
@@ -16,9 +18,15 @@ def interpret_mode() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` -> ``triton`` on CUDA, ``torch`` elsewhere. ``triton`` on a CPU tensor needs the interpreter."""
+    """``auto`` -> ``triton`` on CUDA, ``torch`` elsewhere, unless ``$EXGRPO_KERNEL_BACKEND`` names one.
+    ``triton`` on a CPU tensor needs the interpreter."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        forced = os.environ.get(BACKEND_ENV, "auto")
+        if forced not in _BACKENDS:
+            raise ValueError(f"${BACKEND_ENV} must be one of {_BACKENDS}, got {forced!r}")
+        backend = forced
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
     if backend == "triton" and device.type != "cuda" and not interpret_mode():
@@ -43,10 +51,29 @@ def tile_budget(device: torch.device) -> int:
     return (512 << 20) if device.type == "cuda" else (64 << 20)
 
 
-def matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the chunk matmuls run in: the input dtype on CUDA; on the CPU at least fp32 (bf16 GEMMs there
-    are slow), fp64 stays fp64."""
-    return x.dtype if x.is_cuda else torch.promote_types(x.dtype, torch.float32)
+def gemm_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the vocabulary GEMMs run in (their accumulation is fp32 inside cuBLAS / in our buffers).
+
+    Under ``torch.autocast`` for the inputs' device type: the autocast dtype (bf16 / fp16), as torch's own
+    ``linear`` would run, whatever the parameters' dtype (fp32 master weights + bf16 autocast -> bf16 GEMMs);
+    fp64 inputs are never cast down. Without autocast: the common input dtype on CUDA; on the CPU at least
+    fp32 (bf16 GEMMs are slow there)."""
+    dt = torch.promote_types(hidden.dtype, weight.dtype)
+    dev = hidden.device.type
+    if dt != torch.float64 and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return dt if hidden.is_cuda else torch.promote_types(dt, torch.float32)
+
+
+def dense_1d(x: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """A 1-D input as the kernels read it: contiguous (``base + row``), in ``dtype`` if given. Strided views
+    (a column of a batch tensor), expanded tensors (stride 0) and upstream gradients of ``.sum()`` all
+    arrive here; copying an [N] vector is free next to the [N, V] work."""
+    if x is None:
+        return None
+    if dtype is not None and x.dtype != dtype:
+        x = x.to(dtype)
+    return x.contiguous()
 
 
 def acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -134,8 +161,9 @@ def check_hidden_weight_targets(hidden: torch.Tensor, weight: torch.Tensor, targ
         raise ValueError("weight has no rows (V = 0)")
     if hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden is [N, H] = {tuple(hidden.shape)} but weight is [V, H] = {tuple(weight.shape)}: H differs")
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden dtype {hidden.dtype} differs from weight dtype {weight.dtype}")
+    if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+        raise ValueError(f"hidden dtype {hidden.dtype} differs from weight dtype {weight.dtype} "
+                         f"(mixed dtypes are taken only under torch.autocast)")
     if hidden.device != weight.device:
         raise ValueError(f"hidden is on {hidden.device} but weight is on {weight.device}")
     check_1d("targets", targets, hidden.shape[0], INT_DTYPES, hidden.device)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._utils import FLOAT_DTYPES, INT_DTYPES
+from ._utils import FLOAT_DTYPES, INT_DTYPES
 
 SCALES = ("group", "batch", "none")
 

@@ -2,7 +2,7 @@
 reference policy, group advantages gathered per token, aggregation, forward and backward, without the
 [N, V] logits.
 
-Matmul counts (one = [N, H] x [H, V]); see ``../shared/docs/TARGETS.md``:
+Matmul counts (one = [N, H] x [H, V]); see ``docs/kernels.md``:
   * fast mode, token-level ratio: 3. Each [chunk, V] logits tile is reduced and turned into its own
     gradient by ``_grpo_token_kernel`` while it is in memory (the per-token gradient is known in the
     forward: every aggregation weight follows from the mask), then grad-hidden and grad-weight GEMMs;
@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import (
+from ._rows import Tiles, block_v, chunk_grad_, chunk_rows, chunk_stats, num_warps, row_grad, row_stats
+from ._utils import (
     FLOAT_DTYPES,
     IGNORE_INDEX,
     INT_DTYPES,
@@ -32,20 +33,19 @@ from kernels._utils import (
     auto_chunk,
     check_1d,
     check_hidden_weight_targets,
-    matmul_dtype,
+    dense_1d,
+    gemm_dtype,
     mm,
     resolve_backend,
     tile_budget,
 )
-from kernels.logprobs import _block_v, _num_warps, _row_grad, _row_stats, chunk_grad_, chunk_stats, logprobs_reference
+from .logprobs import logprobs_reference
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IMPORTANCE_LEVELS = ("token", "sequence")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 GEN_CORRECTIONS = ("off", "token_truncate", "sequence_truncate")
 MEMORY_MODES = ("fast", "low_memory")
-METRIC_NAMES = ("kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "entropy", "num_tokens",
-                "gen_logp_abs_diff_mean", "gen_logp_abs_diff_max")
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def _grpo_token_kernel(Z, stride_z, T, SEQ, ADV, SEQ_W, SEQ_ISW, OLD, REF, GEN,
     t = tl.load(T + row)
     s = tl.load(SEQ + row)
     zrow = Z + row * stride_z
-    lse, l, ent = _row_stats(zrow, V, t, inv_tau, BLOCK_V, WITH_ENTROPY)
+    lse, l, ent = row_stats(zrow, V, t, inv_tau, BLOCK_V, WITH_ENTROPY)
     adv = tl.load(ADV + s).to(tl.float32)
     w = tl.load(SEQ_W + s)
     if HAS_OLD:
@@ -184,7 +184,7 @@ def _grpo_token_kernel(Z, stride_z, T, SEQ, ADV, SEQ_W, SEQ_ISW, OLD, REF, GEN,
         tl.store(ENT + row, ent)
     if COMPUTE_GRAD:
         c = w * (isw * dpg + beta * dkl)
-        _row_grad(zrow, zrow, V, 0, t, inv_tau, lse, ent, c, 0.0, BLOCK_V, False)
+        row_grad(zrow, zrow, V, 0, t, inv_tau, lse, ent, c, 0.0, BLOCK_V, False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,128 +263,178 @@ def seq_weights(seq_ids: torch.Tensor, num_seqs: int, num_active: int, cfg: GRPO
 
 
 # ----------------------------------------------------------------------------------------------
-# autograd Function
+# autograd Function: one-pass (token level) and two-pass (sequence statistic first) forwards
 # ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Active:
+    """The n tokens the loss covers (loss_mask and a target), compacted before any GEMM; [n] vectors dense."""
+
+    idx: torch.Tensor  # [n] their rows in the [N] input
+    h: torch.Tensor  # [n, H]
+    t: torch.Tensor  # [n] int64
+    sid: torch.Tensor  # [n] int64
+    old: torch.Tensor | None  # [n] fp32
+    ref: torch.Tensor | None
+    gen: torch.Tensor | None
+    adv: torch.Tensor  # [S] fp32
+    w_seq: torch.Tensor  # [S] fp32 aggregation weight of each sequence's tokens
+
+    @property
+    def n(self) -> int:
+        return int(self.idx.numel())
+
+
+@dataclass
+class _TokenOut:
+    """Per active token, fp32 [n], NaN until written (poison)."""
+
+    logp: torch.Tensor
+    ratio: torch.Tensor
+    kl: torch.Tensor
+    jt: torch.Tensor  # the token's weighted loss term (sum = loss)
+    ent: torch.Tensor | None
+
+    @staticmethod
+    def empty(n, device, with_entropy):
+        f = lambda: torch.full((n,), float("nan"), dtype=torch.float32, device=device)  # noqa: E731
+        return _TokenOut(f(), f(), f(), f(), f() if with_entropy else None)
+
+
+def _one_pass(a: _Active, tiles: Tiles, cfg: GRPOLossConfig, backend: str, need_grad: bool, chunk: int) -> _TokenOut:
+    """Token-level ratio: tile -> loss terms -> gradient of the tile, while it is in memory (3 GEMMs)."""
+    n, S = a.n, a.adv.shape[0]
+    out = _TokenOut.empty(n, a.h.device, cfg.compute_entropy)
+    inv_tau = 1.0 / cfg.temperature
+    seq_isw = None
+    if cfg.gen_correction == "sequence_truncate":
+        seq_isw = sequence_is_weights(a.old, a.gen, a.sid, S, cfg.gen_correction_cap)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        hc, z, g = tiles.logits(s, e)
+        sl = slice(s, e)
+        part = lambda x: None if x is None else x[sl]  # noqa: E731
+        if backend == "triton":
+            _launch_token_kernel(z, a.t[sl], a.sid[sl], a.adv, a.w_seq, seq_isw, part(a.old), part(a.ref), part(a.gen),
+                                 out.logp[sl], out.ratio[sl], out.kl[sl], part(out.ent), out.jt[sl], cfg, inv_tau,
+                                 need_grad)
+            if need_grad and g is not z:
+                g.copy_(z)
+        else:
+            lp, lse, en = chunk_stats(z, a.t[sl], inv_tau, cfg.compute_entropy, backend)
+            terms, c = _terms_with_grad(lp, need_grad, old=part(a.old), ref=part(a.ref), gen=part(a.gen),
+                                        adv=a.adv[a.sid[sl]], w=a.w_seq[a.sid[sl]], seq_ids=a.sid[sl], num_seqs=S,
+                                        cfg=cfg, seq_isw=seq_isw)
+            out.logp[sl], out.ratio[sl], out.kl[sl], out.jt[sl] = lp, terms["ratio"], terms["kl"], terms["j"]
+            if out.ent is not None:
+                out.ent[sl] = en
+            if need_grad:
+                chunk_grad_(z, a.t[sl], lse, None, c, None, inv_tau, backend, out=g)
+        if need_grad:
+            tiles.backprop(g, s, e, hc)
+        del hc, z, g  # the next tile's GEMM must not find this one still alive (peak memory: one tile)
+    return out
+
+
+def _two_pass(a: _Active, tiles: Tiles, cfg: GRPOLossConfig, backend: str, need_grad: bool, chunk: int,
+              recompute: bool):
+    """Pass 1: every log-prob (1 GEMM), then the loss terms over all tokens (sequence statistics need them
+    all); pass 2 (``recompute``): each tile again, to the gradients (3 GEMMs). Returns (out, lse, c)."""
+    n, S = a.n, a.adv.shape[0]
+    out = _TokenOut.empty(n, a.h.device, cfg.compute_entropy)
+    inv_tau = 1.0 / cfg.temperature
+    lse = torch.full_like(out.logp, float("nan"))
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        _, z, _ = tiles.logits(s, e)
+        lp, ls, en = chunk_stats(z, a.t[s:e], inv_tau, cfg.compute_entropy, backend)
+        del z
+        out.logp[s:e], lse[s:e] = lp, ls
+        if out.ent is not None:
+            out.ent[s:e] = en
+    terms, c = _terms_with_grad(out.logp, need_grad, old=a.old, ref=a.ref, gen=a.gen, adv=a.adv[a.sid],
+                                w=a.w_seq[a.sid], seq_ids=a.sid, num_seqs=S, cfg=cfg)
+    out.ratio, out.kl, out.jt = terms["ratio"], terms["kl"], terms["j"]
+    if need_grad and recompute:
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            hc, z, g = tiles.logits(s, e)
+            chunk_grad_(z, a.t[s:e], lse[s:e], None, c[s:e].contiguous(), None, inv_tau, backend, out=g)
+            tiles.backprop(g, s, e, hc)
+            del hc, z, g
+    return out, lse, c
 
 
 class _FusedLinearGRPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, seq_ids, advantages, loss_mask, old, ref, gen,
-                num_global_tokens, cfg, backend, need_h, need_w):
+                num_global_tokens, cfg, backend, need_h, need_w, mdt):
         N, H = hidden.shape
-        V = weight.shape[0]
-        S = advantages.shape[0]
+        V, S = weight.shape[0], advantages.shape[0]
         dev = hidden.device
         active = loss_mask.bool() & (targets != IGNORE_INDEX)
         idx = active.nonzero().squeeze(1)
-        na = int(idx.numel())
-        all_active = na == N
+        all_active = int(idx.numel()) == N
         pick = (lambda x: x) if all_active else (lambda x: None if x is None else x.index_select(0, idx))
-        h, t, sid = pick(hidden), pick(targets).long(), pick(seq_ids).long()
-        old, ref, gen = (None if x is None else pick(x).float() for x in (old, ref, gen))
-        adv = advantages.float()
-        w_seq = seq_weights(sid, S, na, cfg, num_global_tokens, dev)
-        mdt = matmul_dtype(hidden)
-        w_mat = weight.to(mdt)
-        zdt = torch.float32 if cfg.fp32_logits else mdt
-        inv_tau = 1.0 / cfg.temperature
+        sid = dense_1d(pick(seq_ids), torch.int64)
+        a = _Active(idx=idx, h=pick(hidden), t=dense_1d(pick(targets), torch.int64), sid=sid,
+                    old=dense_1d(pick(old), torch.float32), ref=dense_1d(pick(ref), torch.float32),
+                    gen=dense_1d(pick(gen), torch.float32), adv=dense_1d(advantages, torch.float32),
+                    w_seq=seq_weights(sid, S, int(idx.numel()), cfg, num_global_tokens, dev))
+        zdt = torch.promote_types(mdt, torch.float32) if cfg.fp32_logits else mdt
         need_grad = need_h or need_w
-        seq_pass = cfg.importance_sampling == "sequence" or (cfg.gen_correction == "sequence_truncate" and old is None)
+        seq_pass = cfg.importance_sampling == "sequence" or (cfg.gen_correction == "sequence_truncate" and a.old is None)
         low_mem = cfg.memory_mode == "low_memory" and need_w
-        chunk = cfg.chunk_size or auto_chunk(V, torch.empty((), dtype=zdt).element_size(), tile_budget(dev), 16, 4096)
-
-        nan = float("nan")  # poison: an element no kernel wrote stays NaN and fails the loss and the tests
-        logp = torch.full((na,), nan, dtype=torch.float32, device=dev)
-        ratio, kl, jt = (torch.full_like(logp, nan) for _ in range(3))
-        ent = torch.full_like(logp, nan) if cfg.compute_entropy else None
-        gh = torch.full((na, H), nan, dtype=hidden.dtype, device=dev) if need_h and not low_mem else None
-        gw = torch.zeros((V, H), dtype=acc_dtype(weight), device=dev) if need_w and not low_mem else None
-        term_kw = dict(old=None, ref=None, gen=None, adv=None, w=None, seq_ids=None, num_seqs=S, cfg=cfg)
-
-        def grad_gemms(g, s, e, hc):
-            if gh is not None:
-                gh[s:e] = mm(g, w_mat).to(hidden.dtype)
-            if gw is not None:
-                addmm_fp32_(gw, g.t(), hc)
-
-        def tile(s, e):
-            hc = h[s:e].to(mdt)
-            z = mm(hc, w_mat.t(), out_dtype=zdt)
-            g = z if z.dtype == mdt else torch.empty(z.shape, dtype=mdt, device=dev)
-            return hc, z, g
-
-        if not seq_pass and not low_mem:
-            # one pass: tile -> loss terms -> gradient of the tile, while it is in memory
-            seq_isw = None
-            if cfg.gen_correction == "sequence_truncate":
-                seq_isw = sequence_is_weights(old, gen, sid, S, cfg.gen_correction_cap)
-            for s in range(0, na, chunk):
-                e = min(na, s + chunk)
-                hc, z, g = tile(s, e)
-                sl = slice(s, e)
-                if backend == "triton":
-                    _launch_token_kernel(z, t[sl], sid[sl], adv, w_seq, seq_isw, *(None if x is None else x[sl] for x in (old, ref, gen)),
-                                         logp[sl], ratio[sl], kl[sl], None if ent is None else ent[sl], jt[sl], cfg, inv_tau, need_grad)
-                    if g is not z:
-                        g.copy_(z)
-                else:
-                    lp, lse, en = chunk_stats(z, t[sl], inv_tau, cfg.compute_entropy, backend)
-                    kw = dict(term_kw, old=None if old is None else old[sl], ref=None if ref is None else ref[sl],
-                              gen=None if gen is None else gen[sl], adv=adv[sid[sl]], w=w_seq[sid[sl]], seq_ids=sid[sl],
-                              seq_isw=seq_isw)
-                    terms, c = _terms_with_grad(lp, need_grad, **kw)
-                    logp[sl], ratio[sl], kl[sl], jt[sl] = lp, terms["ratio"], terms["kl"], terms["j"]
-                    if ent is not None:
-                        ent[sl] = en
-                    if need_grad:
-                        chunk_grad_(z, t[sl], lse, None, c, None, inv_tau, backend, out=g)
-                if need_grad:
-                    grad_gemms(g, s, e, hc)
-        else:
-            # pass 1: log-probs of every active token; then the loss terms over all of them
-            lse = torch.full_like(logp, nan)
-            for s in range(0, na, chunk):
-                e = min(na, s + chunk)
-                _, z, _ = tile(s, e)
-                lp, ls, en = chunk_stats(z, t[s:e], inv_tau, cfg.compute_entropy, backend)
-                logp[s:e], lse[s:e] = lp, ls
-                if ent is not None:
-                    ent[s:e] = en
-            terms, c = _terms_with_grad(logp, need_grad, **dict(term_kw, old=old, ref=ref, gen=gen, adv=adv[sid],
-                                                                   w=w_seq[sid], seq_ids=sid))
-            ratio, kl, jt = terms["ratio"], terms["kl"], terms["j"]
-            if need_grad and not low_mem:
-                # pass 2: recompute each tile and take it to the gradients
-                for s in range(0, na, chunk):
-                    e = min(na, s + chunk)
-                    hc, z, g = tile(s, e)
-                    chunk_grad_(z, t[s:e], lse[s:e], None, c[s:e], None, inv_tau, backend, out=g)
-                    grad_gemms(g, s, e, hc)
-            if low_mem:
-                ctx.low_mem = (h, w_mat, t, lse, c, inv_tau, zdt, backend, need_h, need_w)
-
-        loss = jt.sum() if na else torch.zeros((), dtype=torch.float32, device=dev)
-        metrics = _metrics(ratio, kl, ent, old, gen, logp, adv[sid], cfg, ref is not None, na)
+        chunk = cfg.chunk_size or chunk_rows(V, H, zdt, dev, accumulate_weight=need_w and not low_mem)
+        ctx.low_mem = None
+        with torch.autocast(dev.type, enabled=False):
+            tiles = Tiles(a.h, weight, mdt, zdt, need_h and not low_mem, need_w and not low_mem, hidden.dtype)
+            if not seq_pass and not low_mem:
+                out = _one_pass(a, tiles, cfg, backend, need_grad, chunk)
+            else:
+                out, lse, c = _two_pass(a, tiles, cfg, backend, need_grad, chunk, recompute=not low_mem)
+                if low_mem:
+                    ctx.low_mem = (a.h, tiles.w, a.t, lse, c.contiguous(), 1.0 / cfg.temperature, zdt, backend, need_h,
+                                   need_w)
+        loss = out.jt.sum() if a.n else torch.zeros((), dtype=torch.float32, device=dev)
         ctx.shapes = (N, H, idx, all_active, hidden.dtype, weight.dtype)
-        ctx.grads = (gh, None if gw is None else gw.to(weight.dtype))
-        ctx.mark_non_differentiable(metrics)
-        return loss, metrics
+        ctx.grads = (tiles.grad_h, None if tiles.grad_w is None else tiles.grad_w.to(weight.dtype))
+        none = out.logp.new_zeros(0)
+        per_token = (out.logp, out.ratio, out.kl, out.ent if out.ent is not None else none, a.adv[a.sid],
+                     (out.logp - a.gen).abs() if a.gen is not None else none)
+        ctx.mark_non_differentiable(*per_token)
+        return (loss,) + per_token
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_metrics):
+    def backward(ctx, grad_loss, *_grad_per_token):
         N, H, idx, all_active, hdt, wdt = ctx.shapes
         gh, gw = ctx.grads
-        if getattr(ctx, "low_mem", None) is not None:
-            gh, gw = _low_memory_backward(*ctx.low_mem, wdt)
-        gh_full = gw_out = None
-        if ctx.needs_input_grad[0]:
+        del ctx.grads
+        if ctx.low_mem is not None:
+            with torch.autocast(grad_loss.device.type, enabled=False):
+                gh, gw = _low_memory_backward(*ctx.low_mem, wdt)
+            ctx.low_mem = None
+        return _scaled_grads(grad_loss, gh, gw, ctx.needs_input_grad, N, H, idx, all_active, hdt) + (None,) * 13
+
+
+def _scaled_grads(grad_loss, gh, gw, needs, N, H, idx, all_active, hdt):
+    """The stored gradients of a scalar loss times its upstream gradient, in place (no second [V, H] copy; one
+    host sync to skip the multiply when the upstream is 1, as it is for loss.backward())."""
+    scale = float(grad_loss)
+    gh_full = gw_out = None
+    if needs[0]:
+        if gh is None:
             gh_full = torch.zeros((N, H), dtype=hdt, device=grad_loss.device)
-            if gh is not None:
-                gh = gh * grad_loss.to(gh.dtype)
-                gh_full = gh if all_active else gh_full.index_copy_(0, idx, gh)
-        if ctx.needs_input_grad[1]:
-            gw_out = gw * grad_loss.to(gw.dtype) if gw is not None else None
-        return (gh_full, gw_out) + (None,) * 12
+        else:
+            if scale != 1.0:
+                gh.mul_(scale)
+            gh_full = gh if all_active else torch.zeros((N, H), dtype=hdt, device=gh.device).index_copy_(0, idx, gh)
+    if needs[1] and gw is not None:
+        if scale != 1.0:
+            gw.mul_(scale)
+        gw_out = gw
+    return gh_full, gw_out
 
 
 def _low_memory_backward(h, w_mat, t, lse, c, inv_tau, zdt, backend, need_h, need_w, wdt):
@@ -394,8 +444,8 @@ def _low_memory_backward(h, w_mat, t, lse, c, inv_tau, zdt, backend, need_h, nee
     V = w_mat.shape[0]
     mdt = w_mat.dtype
     # half the forward's tile budget: the [n, slab] tile plus the fp32 [n, H] accumulator must stay under the
-    # low-memory peak (TARGETS.md: <= 1.8 GiB at M=8192, H=4096, V=151936 with 1.3 GiB of returned grads)
-    slab = auto_chunk(max(n, 1), torch.empty((), dtype=zdt).element_size(), tile_budget(h.device) // 2, 128, 1 << 20)
+    # low-memory peak (<= 1.8 GiB at M=8192, H=4096, V=151936 with 1.3 GiB of returned grads)
+    slab = auto_chunk(max(n, 1), zdt.itemsize, tile_budget(h.device) // 2, 128, 1 << 20)
     hm = h.to(mdt)
     gh = torch.zeros((n, H), dtype=acc_dtype(h), device=h.device) if need_h else None
     gw = torch.full((V, H), float("nan"), dtype=wdt, device=h.device) if need_w else None
@@ -409,13 +459,14 @@ def _low_memory_backward(h, w_mat, t, lse, c, inv_tau, zdt, backend, need_h, nee
             gw[v0:v1] = mm(g.t(), hm).to(wdt)
         if need_h:
             addmm_fp32_(gh, g, ws)
+        del z, g
     return (None if gh is None else gh.to(h.dtype)), gw
 
 
 def _launch_token_kernel(z, t, sid, adv, w_seq, seq_isw, old, ref, gen, logp, ratio, kl, ent, jt, cfg, inv_tau,
                          compute_grad):
     C, V = z.shape
-    bv = _block_v(V)
+    bv = block_v(V)
     is_mode = {"off": 0, "token_truncate": 1, "sequence_truncate": 2}[cfg.gen_correction]
     dummy = logp
     _grpo_token_kernel[(C,)](
@@ -425,26 +476,27 @@ def _launch_token_kernel(z, t, sid, adv, w_seq, seq_isw, old, ref, gen, logp, ra
         float(cfg.eps_low), float(cfg.eps_high), float(cfg.delta or 0.0), float(cfg.beta), float(cfg.gen_correction_cap),
         HAS_OLD=old is not None, HAS_REF=ref is not None, HAS_DELTA=cfg.delta is not None,
         KL_EST=int(cfg.kl_estimator[1]), IS_MODE=is_mode, WITH_ENTROPY=ent is not None,
-        COMPUTE_GRAD=compute_grad, BLOCK_V=bv, num_warps=_num_warps(bv))
+        COMPUTE_GRAD=compute_grad, BLOCK_V=bv, num_warps=num_warps(bv))
 
 
-def _metrics(ratio, kl, ent, old, gen, logp, adv_tok, cfg, has_ref, na) -> torch.Tensor:
-    """[len(METRIC_NAMES)] fp32 vector of micro-batch token means (0 when no token is active)."""
-    dev = ratio.device
-    out = torch.zeros(len(METRIC_NAMES), dtype=torch.float32, device=dev)
-    out[5] = na
-    if na == 0:
-        return out
-    out[0] = kl.mean() if has_ref else 0.0
-    out[1] = ((ratio < 1 - cfg.eps_low) & (adv_tok < 0)).float().mean()
-    out[2] = ((ratio > 1 + cfg.eps_high) & (adv_tok > 0)).float().mean()
-    out[3] = ratio.mean()
+def grpo_metrics(logp, ratio, kl, ent, adv_tok, gen_diff, cfg: GRPOLossConfig, has_ref: bool) -> dict:
+    """Micro-batch token means over the n active tokens ([n] fp32 inputs), detached 0-d fp32 tensors by name:
+    kl, clip_frac_low (ratio below 1 - eps_low where A < 0), clip_frac_high (above 1 + eps_high where A > 0),
+    ratio_mean, num_tokens; entropy (ent given); gen_logp_abs_diff_mean / _max (|l - l_gen| given). All 0
+    when n = 0."""
+    n = logp.numel()
+    z = logp.new_zeros(())
+    m = {"kl": kl.mean() if (n and has_ref) else z,
+         "clip_frac_low": ((ratio < 1 - cfg.eps_low) & (adv_tok < 0)).float().mean() if n else z,
+         "clip_frac_high": ((ratio > 1 + cfg.eps_high) & (adv_tok > 0)).float().mean() if n else z,
+         "ratio_mean": ratio.mean() if n else z,
+         "num_tokens": torch.tensor(float(n), device=logp.device)}
     if ent is not None:
-        out[4] = ent.mean()
-    if gen is not None:
-        diff = (logp - gen).abs()
-        out[6], out[7] = diff.mean(), diff.max()
-    return out
+        m["entropy"] = ent.mean() if n else z
+    if gen_diff is not None:
+        m["gen_logp_abs_diff_mean"] = gen_diff.mean() if n else z
+        m["gen_logp_abs_diff_max"] = gen_diff.max() if n else z
+    return m
 
 
 def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, seq_ids: torch.Tensor,
@@ -454,15 +506,16 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     """GRPO policy loss from hidden states, forward and backward, never holding [N, V] logits.
 
     Args:
-        hidden: [N, H] bf16/fp16/fp32, tokens flattened (padded or packed).
-        weight: [V, H] lm_head, same dtype and device.
+        hidden: [N, H] bf16/fp16/fp32, tokens flattened (padded or packed); any strides (a slice of a batch).
+        weight: [V, H] lm_head, same device; same dtype unless under torch.autocast (then the GEMMs run in the
+            autocast dtype with fp32 accumulation, and the gradients come back in the inputs' dtypes).
         targets: [N] int64/int32, next token per position; -100 = no target (no loss, no gradient).
         seq_ids: [N] int64/int32 in [0, S): the sequence each token belongs to.
         advantages: [S] float, one per sequence (gathered per token inside the kernel).
         loss_mask: [N] bool (or 0/1 int/float): tokens the policy loss covers.
         config: GRPOLossConfig (default GRPOLossConfig()).
         old_logp, ref_logp, gen_logp: [N] float log-probs of the old policy, the reference policy and the
-            generator, or None. old None: ratio 1 (one update per batch). ref None needs config.beta == 0.
+            generator (any layout: columns of a batch tensor are fine), or None. old None: ratio 1 (one update per batch). ref None needs config.beta == 0.
             gen needed by config.gen_correction != "off"; when given, the mismatch is reported.
         num_global_tokens: masked tokens of the whole global batch (all ranks and accumulation steps), for
             "dapo"; None = this call's count.
@@ -504,14 +557,12 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     grad_on = torch.is_grad_enabled()
     need_h = grad_on and hidden.requires_grad
     need_w = grad_on and weight.requires_grad
-    loss, mvec = _FusedLinearGRPOLoss.apply(hidden, weight, targets, seq_ids, advantages, loss_mask, old_logp, ref_logp,
-                                            gen_logp, num_global_tokens, cfg, backend, need_h, need_w)
-    keep = {"kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "num_tokens"}
-    if cfg.compute_entropy:
-        keep.add("entropy")
-    if gen_logp is not None:
-        keep |= {"gen_logp_abs_diff_mean", "gen_logp_abs_diff_max"}
-    return loss, {k: mvec[i] for i, k in enumerate(METRIC_NAMES) if k in keep}
+    loss, logp, ratio, kl, ent, adv_tok, gen_diff = _FusedLinearGRPOLoss.apply(
+        hidden, weight, targets, seq_ids, advantages, loss_mask, old_logp, ref_logp, gen_logp, num_global_tokens, cfg,
+        backend, need_h, need_w, gemm_dtype(hidden, weight))
+    metrics = grpo_metrics(logp, ratio, kl, ent if cfg.compute_entropy else None, adv_tok,
+                           gen_diff if gen_logp is not None else None, cfg, ref_logp is not None)
+    return loss, metrics
 
 
 # ----------------------------------------------------------------------------------------------

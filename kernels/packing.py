@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import IGNORE_INDEX, interpret_mode
+from ._utils import IGNORE_INDEX, interpret_mode
 
 
 @dataclass

@@ -10,8 +10,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from exgrpo import distributed  # noqa: E402
 from exgrpo.model import ModelConfig, PolicyHidden, build_student  # noqa: E402
-from exgrpo.trainer import (OptimConfig, RolloutBatch, SFTConfig, TrainConfig, _update, make_optimizer,  # noqa: E402
-                            sft, wrap_ddp)
+from exgrpo.steps import grpo_update  # noqa: E402
+from exgrpo.trainer import (NonFiniteGuard, OptimConfig, RolloutBatch, SFTConfig, TrainConfig,  # noqa: E402
+                            make_optimizer, optimizer_step, sft, step_context)
 
 TINY = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2)
 
@@ -34,8 +35,9 @@ def main(data, out):
                       optim=OptimConfig(lr=1e-2, warmup_steps=0))
     opt, sched = make_optimizer(model, cfg.optim, 10)
     policy = PolicyHidden(model).train()
-    ref = PolicyHidden(build_student(TINY, seed=0)[0]).eval()
-    m = _update(cfg, wrap_ddp(policy, device), policy, ref, batch, [], opt, sched, {}, world, device)
+    ctx = step_context(cfg, policy, device)
+    m = grpo_update(ctx, batch.inputs(), [], cfg.loss.replace(beta=0.0), 0.0, 1,
+                    lambda ok: optimizer_step(model, opt, sched, cfg.optim, ok, NonFiniteGuard(5))).record()
     if distributed.is_main():
         sft_losses = [json.loads(x)["loss"] for x in open(os.path.join(out, "sft", "metrics.jsonl"))]
         torch.save({"sft_final": r["final"], "grpo_loss": m["loss"], "grpo_kl": m.get("kl"), "sft_losses": sft_losses,

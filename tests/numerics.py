@@ -24,3 +24,51 @@ def make_inputs(N, H, V, dtype, seed=0, device=DEVICE, logit_std=3.0):
     hidden = torch.randn(N, H, generator=g)
     weight = torch.randn(V, H, generator=g) * (logit_std / H ** 0.5)
     return hidden.to(dtype).to(device), weight.to(dtype).to(device)
+
+
+def _value_dtype(x: torch.Tensor) -> torch.dtype:
+    """x's dtype, except that an fp32 tensor on the CPU whose every value is a bf16 number counts as bf16: CPU
+    torch has no bf16 x bf16 -> fp32 GEMM, so the kernels widen bf16 operands to fp32 for fp32 accumulation
+    there (the same products and sums as CUDA's bf16 GEMM with an fp32 output)."""
+    if x.dtype == torch.float32 and not x.is_cuda and torch.equal(x, x.bfloat16().float()):
+        return torch.bfloat16
+    return x.dtype
+
+
+class GemmRecorder:
+    """Records every matrix product that reaches the dispatcher (forward and backward, inside custom autograd
+    Functions too): (op, operand shapes, operand value dtypes (see _value_dtype)). ``vocab_gemms(V)`` keeps the ones with a dimension
+    of size V; ``matmul_units(n, H, V)`` is their FLOPs over one [n, H] x [H, V] product."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        rec = self
+        self.calls = []
+        aten = torch.ops.aten
+        packets = {aten.mm, aten.addmm, aten.addmm_, aten.bmm, aten.baddbmm}
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                mats = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 2]
+                if func.overloadpacket in packets and len(mats) >= 2:  # batched (3-D) products: not vocabulary GEMMs
+                    a, b = mats[-2], mats[-1]
+                    rec.calls.append((str(func), tuple(a.shape), tuple(b.shape), _value_dtype(a), _value_dtype(b)))
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+    def vocab_gemms(self, V):
+        return [c for c in self.calls if V in c[1] or V in c[2]]
+
+    def matmul_units(self, n, H, V):
+        tot = 0
+        for _, sa, sb, _, _ in self.vocab_gemms(V):
+            tot += sa[0] * sa[1] * sb[1]
+        return tot / (n * H * V)

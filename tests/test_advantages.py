@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels import grouped_advantages, grouped_advantages_reference
+from exgrpo_kernels import grouped_advantages, grouped_advantages_reference
 
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])

@@ -8,7 +8,7 @@ import torch
 
 from exgrpo.dialogue import DialogueTokenizer
 from exgrpo.tokenizer import byte_tokenizer, trained_bpe_tokenizer
-from kernels import pack_sequences
+from exgrpo_kernels import pack_sequences
 from tests.conftest import SHARED_DATA
 
 

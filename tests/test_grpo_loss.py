@@ -6,7 +6,8 @@ import itertools
 import pytest
 import torch
 
-from kernels import GRPOLossConfig, fused_linear_grpo_loss, grpo_loss_reference, logprobs_reference
+from exgrpo_kernels import GRPOLossConfig, fused_linear_grpo_loss, grpo_loss_reference, logprobs_reference
+from exgrpo_kernels.grpo_loss import LOSS_TYPES
 from tests.numerics import DEVICE, make_inputs, rel_err, tolerance
 
 
@@ -60,9 +61,14 @@ def check(b, cfg, dtype=torch.float32, frozen=False, **over):
         assert err <= tolerance(dtype, perr), f"{name}: error {err:.2e} vs torch pipeline {perr:.2e} ({cfg})"
     if frozen:
         assert ours[3] is None
+    n_tok = max(1.0, float(truth[1]["num_tokens"]))
     for k, v in ours[1].items():
         assert k in truth[1], k
-        assert abs(float(v) - float(truth[1][k])) <= 1e-4 * (1 + abs(float(truth[1][k]))), (k, float(v), float(truth[1][k]))
+        t, p = float(truth[1][k]), float(pipe[1][k])
+        # metrics are means of per-token values: no worse than 2x torch's own pipeline at this dtype; a clip
+        # fraction may differ by the tokens that sit on a clip boundary within the dtype's rounding
+        tol = max(1e-4 * (1 + abs(t)), 2 * abs(p - t), (2 / n_tok if k.startswith("clip_frac") and dtype != torch.float32 else 0))
+        assert abs(float(v) - t) <= tol, (k, float(v), t, p)
     return ours
 
 
@@ -74,7 +80,7 @@ BASE = GRPOLossConfig(temperature=0.8, eps_low=0.2, eps_high=0.28, beta=0.04, ch
 @pytest.mark.parametrize("loss_type,importance,kl", list(itertools.product(
     ("grpo", "bnpo", "dr_grpo", "dapo"), ("token", "sequence"), ("k1", "k2", "k3"))))
 def test_matrix_against_float64(backend, loss_type, importance, kl):
-    b = make_batch(seed=hash((loss_type, importance, kl)) % 1000)
+    b = make_batch(seed=LOSS_TYPES.index(loss_type) * 100 + ("token", "sequence").index(importance) * 10 + int(kl[1]))
     cfg = BASE.replace(loss_type=loss_type, importance_sampling=importance, kl_estimator=kl, backend=backend)
     check(b, cfg)
 

@@ -3,7 +3,7 @@ grad-hidden and grad-weight, both backends, several dtypes, temperatures and odd
 import pytest
 import torch
 
-from kernels import fused_linear_logprobs, logprobs_reference
+from exgrpo_kernels import fused_linear_logprobs, logprobs_reference
 from tests.numerics import DEVICE, make_inputs, rel_err, tolerance
 
 SHAPES = [  # N, H, V, chunk: V not a power of two, N not a multiple of the chunk, chunks of 1

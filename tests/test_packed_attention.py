@@ -5,7 +5,7 @@ import torch
 import transformers
 
 from exgrpo.attention import IMPL, block_causal_mask, cu_seqlens_from_position_ids, packed_model_kwargs, use_packed_attention
-from kernels import fused_linear_logprobs, pack_sequences
+from exgrpo_kernels import fused_linear_logprobs, pack_sequences
 
 
 def tiny(arch):

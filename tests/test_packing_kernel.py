@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels import PackedBatch, pack_sequences, pack_sequences_reference, unpack
+from exgrpo_kernels import PackedBatch, pack_sequences, pack_sequences_reference, unpack
 from tests.numerics import DEVICE
 
 

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from exgrpo.packing import plan_micro_batches
+from exgrpo.microbatch import plan_micro_batches
 
 
 def long_tailed(S, seed):

@@ -16,9 +16,10 @@ from exgrpo.dsu import dsu_rewards
 from exgrpo.ei.pipeline import EIConfig, run_ei
 from exgrpo.generation import SamplingConfig
 from exgrpo.model import ModelConfig, PolicyHidden, build_student
-from exgrpo.trainer import (OptimConfig, RolloutBatch, SFTConfig, TrainConfig, _update, grpo_micro_batch_loss,
-                            make_optimizer, optimizer_step, sft, train, wrap_ddp)
-from kernels import GRPOLossConfig, grouped_advantages, grpo_loss_reference
+from exgrpo.steps import StepContext, grpo_loss, grpo_update
+from exgrpo.trainer import (NonFiniteGuard, OptimConfig, RolloutBatch, SFTConfig, TrainConfig, make_optimizer,
+                            optimizer_step, sft, step_context, train)
+from exgrpo_kernels import GRPOLossConfig, grouped_advantages, grpo_loss_reference
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 TINY = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2)
@@ -82,8 +83,14 @@ def test_one_exgrpo_update_moves_policy_not_reference():
     cfg = TrainConfig(init=None, model=TINY, G=2, k=2, k_partial=1, optim=OptimConfig(lr=1e-2, warmup_steps=0))
     opt, sched = make_optimizer(model, cfg.optim, 10)
     policy = PolicyHidden(model).train()
-    m = _update(cfg, wrap_ddp(policy, torch.device("cpu")), policy, PolicyHidden(ref).eval(), _fixed_batch(tok),
-                [], opt, sched, {}, 1, torch.device("cpu"))
+    ref_h = PolicyHidden(ref).eval()
+    ctx = step_context(cfg, policy, torch.device("cpu"), ref=ref_h)
+    x = _fixed_batch(tok).inputs()
+    from exgrpo.steps import policy_logprobs
+    x.ref_logp = policy_logprobs(ctx, ref_h, x.seqs, 1.0)
+    r = grpo_update(ctx, x, [], cfg.loss, 0.0, 1, lambda ok: optimizer_step(model, opt, sched, cfg.optim, ok,
+                                                                            NonFiniteGuard(5)))
+    m = r.record()
     assert torch.isfinite(torch.tensor(m["loss"])) and not m["skipped_zero_adv"] and m["kl"] == pytest.approx(0, abs=1e-6)
     assert all(torch.equal(ref0[n], p) for n, p in ref.named_parameters())
     assert any(not torch.equal(pol0[n], p) for n, p in model.named_parameters())
@@ -97,8 +104,11 @@ def test_zero_advantages_skip_the_backward():
     batch = _fixed_batch(tok)
     batch.advantages = torch.zeros_like(batch.advantages)
     policy = PolicyHidden(model).train()
-    m = _update(cfg, policy, policy, PolicyHidden(model).eval(), batch, [], opt, sched, {}, 1, torch.device("cpu"))
-    assert m["skipped_zero_adv"] and m["loss"] == 0
+    ctx = step_context(cfg, policy, torch.device("cpu"))
+    r = grpo_update(ctx, batch.inputs(), [], cfg.loss, 0.0, 1,
+                    lambda ok: optimizer_step(model, opt, sched, cfg.optim, ok, NonFiniteGuard(5)))
+    assert r.skipped_zero_adv and r.loss == 0 and r.grad_norm is None
+    assert r.metrics["gen_logp_abs_diff_mean"] > 0  # the mismatch is still measured
     assert all(torch.equal(pol0[n], p) for n, p in model.named_parameters())
 
 
@@ -111,8 +121,9 @@ def test_trainer_loss_equals_the_kernel_reference_and_packing_does_not_change_it
     lc = GRPOLossConfig(loss_type=loss_type, beta=0.0, compute_entropy=True)
     seqs = list(zip(b.ids, b.mask))
     n_glob = sum(int(m[1:].sum()) for m in b.mask)
-    packed, _ = grpo_micro_batch_loss(policy, policy, policy, seqs, b.advantages, b.gen_logp, lc, n_glob, 1,
-                                      torch.device("cpu"), False)
+    ctx = StepContext(policy=policy, module=policy, device=torch.device("cpu"))
+    x = b.inputs()
+    packed, _ = grpo_loss(ctx, x, list(range(5)), lc, n_glob)
     # reference: each sequence alone through the model's own forward (no packing), full logits, float64
     hs, tg, sid, lm = [], [], [], []
     for i, (ids, mask) in enumerate(seqs):
@@ -127,8 +138,7 @@ def test_trainer_loss_equals_the_kernel_reference_and_packing_does_not_change_it
                                  torch.cat(lm), lc, num_global_tokens=n_glob)
     assert torch.allclose(packed.double(), ref, rtol=1e-5, atol=1e-7)
     if loss_type == "dapo":  # one sequence per micro-batch: the losses add up to the packed one
-        singles = sum(grpo_micro_batch_loss(policy, policy, policy, [seqs[i]], b.advantages[[i]], [b.gen_logp[i]], lc,
-                                            n_glob, 1, torch.device("cpu"), False)[0] for i in range(5))
+        singles = sum(grpo_loss(ctx, x, [i], lc, n_glob)[0] for i in range(5))
         assert torch.allclose(singles, packed, rtol=1e-6)
 
 
@@ -136,15 +146,15 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run():
     model, _ = build_student(TINY, seed=0)
     oc = OptimConfig(max_nonfinite=2)
     opt, sched = make_optimizer(model, oc, 10)
-    state = {}
+    guard = NonFiniteGuard(oc.max_nonfinite)
     for i in range(3):
         for p in model.parameters():
             p.grad = torch.full_like(p, float("nan"))
         if i < 2:
-            ok, _ = optimizer_step(model, opt, sched, oc, True, state)
+            ok, _ = optimizer_step(model, opt, sched, oc, True, guard)
             assert not ok and all(torch.isfinite(p).all() for p in model.parameters())
     with pytest.raises(RuntimeError, match=r"3 steps with a non-finite loss or gradient \(max_nonfinite=2\)"):
-        optimizer_step(model, opt, sched, oc, True, state)
+        optimizer_step(model, opt, sched, oc, True, guard)
 
 
 @pytest.mark.parametrize("over,match", [
@@ -175,12 +185,12 @@ def test_exgrpo_steps_and_resume_after_kill_match_an_uninterrupted_run(data, tmp
         import sys, time
         sys.path.insert(0, {ROOT!r})
         import exgrpo.trainer as T
-        orig = T._update
+        orig = T.grpo_update
         def slow(*a, **k):
             out = orig(*a, **k)
             time.sleep(1.0)
             return out
-        T._update = slow
+        T.grpo_update = slow
         from exgrpo.generation import SamplingConfig
         from exgrpo.model import ModelConfig
         T.train(T.TrainConfig(out_dir={str(run_dir)!r}, data={data!r}, init={init!r},

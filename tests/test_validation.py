@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels import GRPOLossConfig, fused_linear_grpo_loss, fused_linear_logprobs
+from exgrpo_kernels import GRPOLossConfig, fused_linear_grpo_loss, fused_linear_logprobs
 
 
 def _args(N=8, H=4, V=10, S=3):

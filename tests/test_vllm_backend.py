@@ -14,7 +14,7 @@ from exgrpo.dialogue import DialogueTokenizer
 from exgrpo.generation import SamplingConfig
 from exgrpo.model import ModelConfig, PolicyHidden, build_student
 from exgrpo.vllm_backend import EngineStartError, VLLMBackend
-from kernels import fused_linear_logprobs, pack_sequences
+from exgrpo_kernels import fused_linear_logprobs, pack_sequences
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 TINY = ModelConfig(hidden_size=128, intermediate_size=256, num_layers=2, head_dim=64)

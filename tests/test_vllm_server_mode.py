@@ -9,7 +9,7 @@ from exgrpo.dialogue import DialogueTokenizer
 from exgrpo.generation import SamplingConfig
 from exgrpo.model import ModelConfig, PolicyHidden, build_student
 from exgrpo.vllm_backend import VLLMServerBackend
-from kernels import fused_linear_logprobs, pack_sequences
+from exgrpo_kernels import fused_linear_logprobs, pack_sequences
 from tests.vllm_server import Server
 
 TINY = ModelConfig(hidden_size=128, intermediate_size=256, num_layers=2, head_dim=64)

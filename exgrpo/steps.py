@@ -1,0 +1,340 @@
+"""The training micro-steps shared by SFT and ExGRPO: one micro-batch loop (plan -> pack -> forward with the
+loss inside the module -> backward, gradient sync on the last), the token NLL (SFT and the auxiliary loss), the
+GRPO loss with reference and old log-probs, and one policy update (``grpo_update``).
+
+Every loss runs through this project's fused kernels (``fused_linear_nll_loss``, ``fused_linear_grpo_loss``,
+``fused_linear_logprobs``) on packed micro-batches, inside ``StepContext.autocast()``: under bf16 autocast the
+decoder and the vocabulary GEMMs run in bf16 with fp32 accumulation, and the gradients land in the parameters'
+dtype. Losses are scaled by the global token count (and by the world size: DDP averages gradients), so they do
+not depend on how the global batch is split into micro-batches and ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from exgrpo import distributed
+from exgrpo.microbatch import plan_micro_batches
+from exgrpo_kernels import (GRPOLossConfig, PackedBatch, fused_linear_grpo_loss, fused_linear_logprobs,
+                            fused_linear_nll_loss, pack_sequences)
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """"auto": bf16 autocast on CUDA, none on the CPU; "bf16": bf16 autocast on any device; "fp32": none."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+@dataclass
+class StepContext:
+    """What every micro-step needs.
+
+    policy:  the trained model's hidden-state view (``PolicyHidden``: ``.lm_head`` is the [V, H] weight)
+    module:  what runs the forward: ``policy`` itself, or its DDP / FSDP2 wrapper
+    ref:     the frozen reference policy's view (None: no KL term, or LoRA with adapters disabled, see
+             ``reference_logprobs``)
+    """
+
+    policy: torch.nn.Module
+    module: torch.nn.Module
+    device: torch.device
+    world: int = 1
+    autocast_dtype: torch.dtype | None = None
+    kernel_backend: str = "auto"  # auto | triton | torch, for every fused kernel call
+    micro_batch_tokens: int = 8192
+    ref: torch.nn.Module | None = None
+    ref_from_adapters_off: bool = False  # LoRA: the reference is the policy with its adapters disabled
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+
+
+@dataclass
+class MicroStats:
+    """Sums over the micro-batches of one loss (this rank)."""
+
+    loss: float = 0.0  # sum of the micro-batch losses / world (the global loss after all_sum)
+    finite: bool = True
+    metric_sums: dict = field(default_factory=dict)  # token-weighted sums; "num_tokens"; maxima for *_max
+
+    def add_metrics(self, m: dict):
+        n = float(m.get("num_tokens", 0.0))
+        for k, v in m.items():
+            v = float(v)
+            if k.endswith("_max"):
+                self.metric_sums[k] = max(self.metric_sums.get(k, 0.0), v)
+            elif k == "num_tokens":
+                self.metric_sums[k] = self.metric_sums.get(k, 0.0) + v
+            else:
+                self.metric_sums[k] = self.metric_sums.get(k, 0.0) + v * n
+
+    def global_metrics(self) -> dict:
+        """Token-weighted means over all ranks (maxima for *_max)."""
+        n = distributed.all_sum(self.metric_sums.get("num_tokens", 0.0))
+        out = {}
+        for k, v in sorted(self.metric_sums.items()):
+            if k.endswith("_max"):
+                out[k] = distributed.all_max(v)
+            elif k != "num_tokens":
+                out[k] = distributed.all_sum(v) / max(1.0, n)
+        return out
+
+
+# ================================================================================================ the loop
+
+
+def micro_batches(lengths, max_tokens: int) -> list[list[int]]:
+    """This rank's micro-batches (lists of indices); every rank gets the same count (DDP / FSDP need the same
+    number of forward/backward passes on each rank)."""
+    plan = plan_micro_batches(lengths, max_tokens, truncate=True)
+    k = int(distributed.all_max(plan.num_micro_batches))
+    if k != plan.num_micro_batches:
+        plan = plan_micro_batches(lengths, max_tokens, truncate=True, min_micro_batches=k)
+    return plan.plan[0]
+
+
+def _sync_context(module, sync: bool):
+    return module.no_sync() if (hasattr(module, "no_sync") and not sync) else contextlib.nullcontext()
+
+
+def backward_micro_batches(ctx: StepContext, lengths, loss_of, *, sync_last: bool = True,
+                           scale: float = 1.0) -> MicroStats:
+    """The one micro-batch loop of the trainer.
+
+    lengths: the token count of each item; loss_of(indices) -> (loss tensor, metrics dict) for a micro-batch
+    (indices may be empty on a rank with fewer items than micro-batches: loss_of must still run the module's
+    forward so that every rank takes part in the gradient sync). Each loss x ``scale`` is backpropagated;
+    gradients are synchronised on the last micro-batch only if ``sync_last``.
+    """
+    stats = MicroStats()
+    mbs = micro_batches(lengths, ctx.micro_batch_tokens)
+    for j, mb in enumerate(mbs):
+        with _sync_context(ctx.module, sync_last and j == len(mbs) - 1):
+            loss, metrics = loss_of(mb)
+            (loss * scale).backward()
+        v = float(loss.detach())
+        stats.loss += v / ctx.world
+        stats.finite &= math.isfinite(v)
+        if metrics:
+            stats.add_metrics(metrics)
+    return stats
+
+
+def pack(seqs, device) -> PackedBatch:
+    """seqs: [(ids [T_i] int64, mask [T_i] bool)] -> one PackedBatch on device."""
+    return pack_sequences([s[0] for s in seqs], token_mask=[s[1] for s in seqs]).to(device)
+
+
+def _dummy() -> list:
+    """One 2-token sequence with nothing trained: the forward of a rank that has no sequence for a micro-batch."""
+    return [(torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.bool))]
+
+
+def per_token_packed(values, device) -> torch.Tensor:
+    """Per-sequence per-token values, [T_i] each (value of token i) -> packed [N] aligned with the targets:
+    position i carries the value of token i + 1 (what position i predicts); 0 at each last position."""
+    return torch.cat([torch.cat([v[1:], v.new_zeros(1)]) for v in values]).to(device)
+
+
+# ================================================================================================ losses
+
+
+def nll_loss(ctx: StepContext, seqs, num_global_tokens: float) -> tuple[torch.Tensor, dict]:
+    """Token NLL of the masked tokens of ``seqs`` ([(ids, mask)]), / the global count (x world: DDP averages).
+    An empty ``seqs`` gives a zero loss that still runs the forward."""
+    b = pack(seqs or _dummy(), ctx.device)
+
+    def head(h, w, b):
+        t = torch.where(b.loss_mask, b.targets, -100)
+        return fused_linear_nll_loss(h, w, t, num_global_tokens=max(float(num_global_tokens), 1.0),
+                                     backend=ctx.kernel_backend) * ctx.world
+
+    with ctx.autocast():
+        loss = ctx.module(b, head)
+    return loss, {}
+
+
+def policy_logprobs(ctx: StepContext, model: torch.nn.Module, seqs, temperature: float) -> list[torch.Tensor]:
+    """log softmax(z / tau) of every token of each sequence under ``model`` (no grad), per sequence:
+    [T_i] fp32 each, value at token i = log p(token i | tokens < i), 0 for the first token. Batched by
+    micro-batch; independent of how the sequences are later packed."""
+    out: list[torch.Tensor] = [None] * len(seqs)
+    for mb in micro_batches([len(s[0]) for s in seqs], ctx.micro_batch_tokens):
+        if not mb:
+            continue
+        b = pack([seqs[i] for i in mb], ctx.device)
+
+        def head(h, w, b):
+            return fused_linear_logprobs(h, w, b.targets, temperature=temperature, backend=ctx.kernel_backend)
+
+        with torch.no_grad(), ctx.autocast():
+            lp = model(b, head).float()
+        cu = b.cu_seqlens.tolist()
+        for k, i in enumerate(mb):
+            pos = lp[cu[k]:cu[k + 1]]  # position t predicts token t + 1
+            out[i] = torch.cat([pos.new_zeros(1), pos[:-1]]).cpu()
+    return out
+
+
+@dataclass
+class GRPOInputs:
+    """The sequences of one update (this rank). S sequences; T_i tokens each.
+
+    seqs:       S pairs (ids [T_i] int64, mask [T_i] bool: the tokens the policy loss covers)
+    advantages: [S] fp32
+    gen_logp:   S tensors [T_i] fp32, the generator's log-prob of each token (0 where not generated)
+    old_logp:   S tensors [T_i] fp32 of the policy before the first update (updates_per_batch > 1), or None
+    ref_logp:   S tensors [T_i] fp32 of the reference policy (beta > 0), or None
+    num_global_tokens, num_global_seqs: loss tokens and sequences of the global batch (all ranks); set by
+                grpo_update (None: this rank's)
+    """
+
+    seqs: list
+    advantages: torch.Tensor
+    gen_logp: list
+    old_logp: list | None = None
+    ref_logp: list | None = None
+    num_global_tokens: float | None = None
+    num_global_seqs: float | None = None
+
+
+def _global_scale(cfg: GRPOLossConfig, b: PackedBatch, x: GRPOInputs, num_global_tokens: float) -> float:
+    """The kernel normalises "grpo" / "dr_grpo" by the micro-batch's sequences and "bnpo" by its tokens; this
+    factor makes the sum over micro-batches and ranks the loss of the global batch (TARGETS: the loss depends
+    only on the global batch). "dapo" is normalised by num_global_tokens in the kernel already."""
+    if cfg.loss_type in ("grpo", "dr_grpo"):
+        return b.num_seqs / float(x.num_global_seqs or len(x.seqs))
+    if cfg.loss_type == "bnpo":
+        n = int((b.loss_mask & (b.targets != -100)).sum())
+        return n / max(1.0, float(num_global_tokens))
+    return 1.0
+
+
+def grpo_loss(ctx: StepContext, x: GRPOInputs, idx: list[int], cfg: GRPOLossConfig,
+              num_global_tokens: float | None = None) -> tuple[torch.Tensor, dict]:
+    """GRPO loss of the micro-batch ``idx`` of ``x`` (x world, and scaled so that the micro-batches of the
+    global batch add up to its loss), with its metrics. The generator/trainer log-prob mismatch is reported
+    whether or not the generator correction is on."""
+    if not idx:
+        return nll_loss(ctx, [], 1.0)[0] * 0.0, {}
+    num_global_tokens = num_global_tokens or x.num_global_tokens or sum(int(m[1:].sum()) for _, m in x.seqs)
+    seqs = [x.seqs[i] for i in idx]
+    b = pack(seqs, ctx.device)
+    scale = _global_scale(cfg, b, x, num_global_tokens) * ctx.world
+    pick = lambda vals: None if vals is None else per_token_packed([vals[i] for i in idx], ctx.device)  # noqa: E731
+    gen, old, ref = pick(x.gen_logp), pick(x.old_logp), pick(x.ref_logp)
+    adv = x.advantages[idx].to(ctx.device)
+    cfg = cfg if cfg.backend != "auto" else cfg.replace(backend=ctx.kernel_backend)
+    gen_arg = gen if cfg.gen_correction != "off" else None
+
+    def head(h, w, b):
+        loss, m = fused_linear_grpo_loss(h, w, b.targets, b.seq_ids, adv, b.loss_mask, cfg, old_logp=old,
+                                         ref_logp=ref if cfg.beta != 0 else None, gen_logp=gen_arg,
+                                         num_global_tokens=num_global_tokens)
+        if gen_arg is None:  # mismatch between generator and trainer log-probs, logged every step
+            with torch.no_grad():
+                lp = fused_linear_logprobs(h.detach(), w.detach(), b.targets, temperature=cfg.temperature,
+                                           backend=cfg.backend)
+                d = (lp - gen).abs()[b.loss_mask]
+                m["gen_logp_abs_diff_mean"] = d.mean() if d.numel() else d.new_zeros(())
+                m["gen_logp_abs_diff_max"] = d.max() if d.numel() else d.new_zeros(())
+        return loss * scale, m
+
+    with ctx.autocast():
+        return ctx.module(b, head)
+
+
+def mismatch_only(ctx: StepContext, x: GRPOInputs, temperature: float) -> MicroStats:
+    """The generator/trainer log-prob mismatch without a backward (a step whose advantages are all zero)."""
+    stats = MicroStats()
+    lp = policy_logprobs(ctx, ctx.module, x.seqs, temperature)
+    for (ids, mask), l, g in zip(x.seqs, lp, x.gen_logp):
+        d = (l - g).abs()[mask.bool()]
+        if d.numel():
+            stats.add_metrics({"gen_logp_abs_diff_mean": d.mean(), "gen_logp_abs_diff_max": d.max(),
+                               "num_tokens": d.numel()})
+    return stats
+
+
+# ================================================================================================ one update
+
+
+@dataclass
+class UpdateResult:
+    """One ExGRPO step's training phase (all ranks reduced)."""
+
+    loss: float
+    aux_loss: float
+    skipped_zero_adv: bool
+    grad_norm: float | None = None
+    skipped_nonfinite: bool = False
+    metrics: dict = field(default_factory=dict)  # kl, clip fractions, ratio_mean, entropy, gen mismatch
+
+    def record(self) -> dict:
+        out = {"loss": self.loss, "aux_loss": self.aux_loss, "skipped_zero_adv": self.skipped_zero_adv}
+        if self.grad_norm is not None:
+            out.update(grad_norm=self.grad_norm, skipped_nonfinite=self.skipped_nonfinite)
+        return {**out, **self.metrics}
+
+
+def global_token_count(masks) -> float:
+    """Tokens a loss covers over all ranks: the mask shifted onto the positions that predict a trained token."""
+    return distributed.all_sum(sum(int(m[1:].sum()) for m in masks))
+
+
+def grpo_update(ctx: StepContext, x: GRPOInputs, aux: list, loss_cfg: GRPOLossConfig, aux_weight: float,
+                updates: int, optimizer_step) -> UpdateResult:
+    """``updates`` policy updates on one batch: old log-probs before the first when updates > 1, the GRPO
+    loss (+ aux_weight x NLL of ``aux`` [(ids, mask)]), then ``optimizer_step(finite) -> (stepped, grad_norm)``.
+
+    A batch whose advantages are all zero (every group tied) has no policy gradient: its backward is skipped
+    (the mismatch is still measured); with no auxiliary loss there is then no optimizer step either."""
+    n_global = global_token_count(m for _, m in x.seqs)
+    x.num_global_tokens, x.num_global_seqs = n_global, distributed.all_sum(len(x.seqs))
+    all_zero = distributed.all_sum(float(x.advantages.abs().sum())) == 0
+    n_aux = global_token_count(m for _, m in aux) if aux else 0
+    if updates > 1 and not all_zero:
+        x.old_logp = policy_logprobs(ctx, ctx.module, x.seqs, loss_cfg.temperature)
+    lengths = [len(s[0]) for s in x.seqs]
+    res = UpdateResult(loss=0.0, aux_loss=0.0, skipped_zero_adv=all_zero)
+    stats = MicroStats()
+    for update in range(updates):
+        finite = True
+        if not all_zero:
+            pol = backward_micro_batches(ctx, lengths, lambda mb: grpo_loss(ctx, x, mb, loss_cfg, n_global),
+                                         sync_last=not aux)
+            finite &= pol.finite
+            res.loss += distributed.all_sum(pol.loss)
+            if update == 0:
+                stats = pol
+        elif update == 0:
+            stats = mismatch_only(ctx, x, loss_cfg.temperature)
+        if aux:  # lambda x SFT on the probes' teacher rationales
+            a = backward_micro_batches(ctx, [len(s[0]) for s in aux], lambda mb: nll_loss(ctx, [aux[i] for i in mb], n_aux),
+                                       scale=aux_weight)
+            finite &= a.finite
+            res.aux_loss += distributed.all_sum(a.loss)
+        if all_zero and not aux:
+            optimizer_step(None)
+            continue
+        stepped, res.grad_norm = optimizer_step(finite)
+        res.skipped_nonfinite = not stepped
+    res.metrics = stats.global_metrics()
+    return res
+
+
+def sft_backward(ctx: StepContext, seqs) -> MicroStats:
+    """Backward of the NLL of one global SFT batch (this rank's ``seqs``), normalised by the global count."""
+    n_global = global_token_count(m for _, m in seqs)
+    stats = backward_micro_batches(ctx, [len(s[0]) for s in seqs], lambda mb: nll_loss(ctx, [seqs[i] for i in mb], n_global))
+    stats.metric_sums["num_tokens"] = n_global
+    return stats
