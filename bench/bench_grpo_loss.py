@@ -247,7 +247,8 @@ def check_ours(p, shape: Shape, rows: int, device):
         rp = run(grpo_loss_reference, c, frozen, False, logits_dtype=h.dtype)
         errs = [(rel(a, b), rel(q, b)) for a, b, q in zip(o, r64, rp)]
         res[name] = {"passed": all(e <= max(2 * pe, floor) for e, pe in errs),
-                     "errors": {k: {"ours": e, "torch_pipeline": pe} for k, (e, pe) in zip(("loss", "grad_hidden", "grad_weight"), errs)}}
+                     "errors": {k: {"ours": e, "torch_pipeline": pe}
+                                for k, (e, pe) in zip(("loss", "grad_hidden", "grad_weight"), errs)}}
         del o, r64, rp
     with torch.no_grad():
         lo = fused_linear_logprobs(h, w, t)
@@ -281,7 +282,8 @@ def verdicts(rows):
     crit("fast peak <= 3/4 torch.compile", lambda: pk("ours_fast") <= 0.75 * pk("compile"))
     crit("low_memory <= 1.10 x 4 matmuls", lambda: ms("ours_low_memory") <= 1.10 * 4 * f)
     crit("low_memory peak <= 1/3 torch.compile", lambda: pk("ours_low_memory") <= pk("compile") / 3)
-    crit("low_memory >= 8x faster than Liger chunked", lambda: 8 * ms("ours_low_memory") <= min(ms("liger_chunked_1"), ms("liger_chunked_8")))
+    crit("low_memory >= 8x faster than Liger chunked",
+         lambda: 8 * ms("ours_low_memory") <= min(ms("liger_chunked_1"), ms("liger_chunked_8")))
     crit("frozen <= 1.10 x 2 matmuls", lambda: ms("ours_frozen") <= 1.10 * 2 * f)
     crit("frozen faster than torch.compile frozen", lambda: ms("ours_frozen") < ms("compile_frozen"))
     crit("frozen peak <= 0.6 GiB", lambda: pk("ours_frozen") <= 0.6)
@@ -319,13 +321,16 @@ def plot(results, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    shapes = sorted({r["shape"] for r in results}, key=lambda s: [int(x) if x.isdigit() else x for x in s.replace("x", " ").split()])
-    main = shapes[-1] if len(shapes) == 1 else max(shapes, key=lambda s: sum(1 for r in results if r["shape"] == s and r.get("ms")))
+    shapes = sorted({r["shape"] for r in results},
+                    key=lambda s: [int(x) if x.isdigit() else x for x in s.replace("x", " ").split()])
+    main = shapes[-1] if len(shapes) == 1 else max(
+        shapes, key=lambda s: sum(1 for r in results if r["shape"] == s and r.get("ms")))
     rows = [r for r in results if r["shape"] == main and r.get("ms") is not None and r["variant"] != "floor_matmul"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     ax = axes[0]
     names = [r["variant"] for r in rows]
-    ax.barh(names, [r["ratio_to_floor"] for r in rows], color=["tab:green" if n.startswith("ours") else "tab:gray" for n in names])
+    ax.barh(names, [r["ratio_to_floor"] for r in rows],
+            color=["tab:green" if n.startswith("ours") else "tab:gray" for n in names])
     for k in (1, 2, 3, 4):
         ax.axvline(k, color="tab:red", lw=0.6, ls="--")
     ax.set_xlabel("time / one [M,H]x[H,V] matmul")
@@ -413,7 +418,8 @@ def main(argv=None):
             pk = f"{row['peak_gib']:7.2f}" if row["peak_gib"] is not None else "      -"
             print(f"{tag:28s} {name:18s} {ms} ms {rt} floor {pk} GiB  {row['status']}", flush=True)
         del p
-    by = {r["variant"]: r for r in results if r["shape"] == f"M{PRESETS[preset][0].M} H{PRESETS[preset][0].H} V{PRESETS[preset][0].V} {PRESETS[preset][0].dtype}"}
+    s0 = PRESETS[preset][0]
+    by = {r["variant"]: r for r in results if r["shape"] == f"M{s0.M} H{s0.H} V{s0.V} {s0.dtype}"}
     v = verdicts(by) if device.type == "cuda" and preset == "targets" else {}
     for k, ok in v.items():
         print(f"  target {'MET ' if ok else ('MISS' if ok is False else 'n/a ')} {k}")

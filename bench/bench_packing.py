@@ -152,7 +152,8 @@ def bench_train(device, budget_tokens):
             "padding_waste": 1 - total / (len(lengths) * max(lengths)),
             "padded_ms": pad_ms, "packed_ms": pack_ms,
             "padded_tokens_per_s": total / pad_ms * 1e3, "packed_tokens_per_s": total / pack_ms * 1e3,
-            "speedup": pad_ms / pack_ms, "model": {k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")}}
+            "speedup": pad_ms / pack_ms,
+            "model": {k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")}}
 
 
 def plot(doc, path):

@@ -117,7 +117,8 @@ def main(argv=None):
         ids, masks, adv = batch_of(n, lo, hi, SHAPES[shape]["vocab_size"])
         row = {"shape": shape, "tokens": sum(len(x) for x in ids)}
         try:
-            row["padded_ms"], row["padded_peak_gib"] = measure(lambda: padded_step(model, ids, masks, adv, cfg, device), device, a.reps)
+            row["padded_ms"], row["padded_peak_gib"] = measure(
+                lambda: padded_step(model, ids, masks, adv, cfg, device), device, a.reps)
         except torch.OutOfMemoryError:
             row["padded_ms"] = "out of memory"
             torch.cuda.empty_cache()
@@ -130,7 +131,7 @@ def main(argv=None):
                 row["memory_ratio"] = row["padded_peak_gib"] / row["ours_peak_gib"]
         doc["results"].append(row)
         print(json.dumps(row), flush=True)
-        del model
+        model = None  # free it before the next shape
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(doc, f, indent=1)

@@ -28,6 +28,9 @@ from exgrpo_kernels import GRPOLossConfig, fused_linear_grpo_loss, fused_linear_
 from exgrpo_kernels.grpo_loss import _launch_token_kernel, seq_weights  # noqa: E402
 
 
+XF = rows.LogitTransform()  # temperature 1, no soft-cap
+
+
 def bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
@@ -58,13 +61,13 @@ def main(argv=None):
             rows.MAX_BLOCK_V, rows.ROW_WARPS = bv, nw
             z = z0.clone()
             try:
-                st = bench(lambda: rows.chunk_stats(z, t, 1.0, False, "triton"))
-                lse = rows.chunk_stats(z, t, 1.0, False, "triton")[1]
+                st = bench(lambda: rows.chunk_stats(z, t, XF, False, "triton"))
+                lse = rows.chunk_stats(z, t, XF, False, "triton")[1]
                 c = torch.full((C,), -1e-3, device=dev)
-                gr = bench(lambda: rows.chunk_grad_(z0, t, lse, None, c, None, 1.0, "triton", out=z))
+                gr = bench(lambda: rows.chunk_grad_(z0, t, lse, None, c, None, XF, "triton", out=z))
                 f = torch.empty(C, device=dev)
-                tk = bench(lambda: _launch_token_kernel(z, t, sid, adv, w_seq, None, None, ref, None, f, f.clone(),
-                                                        f.clone(), None, f.clone(), cfg, 1.0, True))
+                tk = bench(lambda: _launch_token_kernel(z, t, sid, adv, w_seq, None, None, ref, None, None, f,
+                                                        f.clone(), f.clone(), None, f.clone(), cfg, XF, True))
             except Exception as e:  # noqa: BLE001 (a launch that does not fit is a result, not a crash)
                 out["row_kernels"].append({"block_v": bv, "warps": nw, "error": str(e).splitlines()[0][:200]})
                 continue
@@ -77,7 +80,7 @@ def main(argv=None):
             if best is None or score < best[0]:
                 best = (score, bv, nw)
     rows.MAX_BLOCK_V, rows.ROW_WARPS = best[1], best[2]
-    del z0, z
+    z0 = z = None  # free the tile before the whole-step runs
     torch.cuda.empty_cache()
     M = 8192
     hid = torch.randn(M, H, generator=g).to(dev, torch.bfloat16)

@@ -30,7 +30,7 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tens
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _flash_varlen():
     try:
         from flash_attn import flash_attn_varlen_func
@@ -39,7 +39,7 @@ def _flash_varlen():
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _torch_varlen():
     try:
         from torch.nn.attention.varlen import varlen_attn

@@ -9,41 +9,92 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-import torch
 
-from exgrpo.config import load_config, save_config
+from exgrpo.config import save_config
 from exgrpo.generation import SamplingConfig
 from exgrpo.io import atomic_write_json
 from exgrpo.model import ModelConfig
 from exgrpo.trainer import OptimConfig, SFTConfig, TrainConfig, evaluate, sft as run_sft, train as run_train
 
 
-def sft(config, overrides, resume=False):
-    print(json.dumps(run_sft(load_config(SFTConfig, config, overrides), resume=resume)))
+class UserError(ValueError):
+    """Something the user passed is wrong: printed as one line naming the field and the value (exit 2)."""
 
 
-def train(config, overrides, resume=False):
-    print(json.dumps(run_train(load_config(TrainConfig, config, overrides), resume=resume)))
+def check_file(field_name: str, path: str | None, what: str = "file", hint: str = "") -> None:
+    if path is None:
+        return
+    if not os.path.exists(path):
+        raise UserError(f"{field_name}: no such {what} {path!r}" + (f" ({hint})" if hint else ""))
+    if what == "file" and os.path.isdir(path):
+        raise UserError(f"{field_name}: {path!r} is a folder, expected a file")
+
+
+def check_model_dir(field_name: str, path: str | None, hint: str = "") -> None:
+    """A Hugging Face model folder: exists, and has a config.json."""
+    if path is None:
+        return
+    check_file(field_name, path, "folder", hint)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"{field_name}: {path!r} is not a model folder (no config.json)" + (f"; {hint}" if hint else ""))
+
+
+def check_data_names(field_name: str, names) -> None:
+    from exgrpo.data.loaders import SPECS
+    for n in names:
+        if n != "arithmetic" and n not in SPECS:
+            raise UserError(f"{field_name}: unknown data set {n!r}; known: arithmetic, {', '.join(sorted(SPECS))}")
+
+
+def sft(cfg: SFTConfig, resume=False):
+    check_file("data", cfg.data, hint="run `exgrpo ei` first")
+    check_model_dir("model.path", cfg.model.path)
+    print(json.dumps(run_sft(cfg, resume=resume)))
+
+
+def train(cfg: TrainConfig, resume=False):
+    check_file("data", cfg.data, hint="run `exgrpo ei` first")
+    check_model_dir("init", cfg.init, hint="run `exgrpo sft` first, or init=null to start from the model config")
+    check_model_dir("model.path", cfg.model.path)
+    print(json.dumps(run_train(cfg, resume=resume)))
+
+
+def ei(cfg, resume=False):
+    from exgrpo.ei.pipeline import run_ei
+    check_data_names("data", cfg.data)
+    check_model_dir("student_model_path", cfg.student_model_path)
+    check_model_dir("teacher_model_path", cfg.teacher_model_path)
+    check_file("data_root", cfg.data_root, "folder")
+    print(json.dumps(run_ei(cfg), indent=1))
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    model: str = "runs/exgrpo/final"
+    model: str = "runs/exgrpo/final"  # the model folder to evaluate
     data: tuple[str, ...] = ("arithmetic",)  # data set names, or arithmetic (held-in and reversal splits)
-    data_root: str | None = None
+    data_root: str | None = None  # folder of <name>/ folders (default ../shared/data)
     split: str = "test"
-    limit: int | None = 200
+    limit: int | None = 200  # examples per data set
     arith_ops: int = 2  # operations per arithmetic problem (the demo trains on 1)
     seed: int = 0
     out: str | None = None  # JSON file for the results (default <model>/eval.json)
     max_new_tokens: int = 96
+    backend: str = "auto"  # generation: auto (vllm where installed) | transformers | vllm
+
+    def __post_init__(self):
+        check_data_names("EvalConfig.data", self.data)
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"EvalConfig.limit must be >= 1 or null, got {self.limit}")
+        if self.backend not in ("auto", "transformers", "vllm"):
+            raise ValueError(f"EvalConfig.backend must be auto, transformers or vllm, got {self.backend!r}")
 
 
-def eval(config, overrides, resume=False):  # noqa: A001 - the CLI command's name
-    cfg = load_config(EvalConfig, config, overrides)
+def eval(cfg: EvalConfig, resume=False):  # noqa: A001 - the CLI command's name
+    check_model_dir("model", cfg.model, hint="a folder written by exgrpo sft/train (final/) or a Hugging Face model")
+    check_data_names("data", cfg.data)
+    check_file("data_root", cfg.data_root, "folder")
     from exgrpo.data.loaders import load_dataset
     from exgrpo.tasks.arithmetic import make_split
-    model, tok = _load(cfg.model)
     examples = []
     for name in cfg.data:
         if name == "arithmetic":
@@ -51,11 +102,25 @@ def eval(config, overrides, resume=False):  # noqa: A001 - the CLI command's nam
                          make_split(cfg.limit or 200, cfg.seed, "reversal", n_ops=cfg.arith_ops))
         else:
             examples += load_dataset(name, split=cfg.split, limit=cfg.limit, data_root=cfg.data_root)
-    res = evaluate(model, tok, examples, max_new_tokens=cfg.max_new_tokens)
+    model, tok = _load(cfg.model)
+    res = evaluate(model, tok, examples, max_new_tokens=cfg.max_new_tokens, backend=eval_backend(cfg.backend, model, tok))
     print(f"{'data set':28s} {'accuracy':>9s} {'n':>6s}")
     for k, v in res.items():
         print(f"{k:28s} {v['accuracy']:9.3f} {v['n']:6d}")
     atomic_write_json(cfg.out or os.path.join(cfg.model, "eval.json"), res)
+
+
+def eval_backend(name: str, model, tok):
+    """The generation backend for evaluation: vLLM (batched over every data set) where installed and asked for,
+    else the trainer's transformers generation."""
+    import importlib.util
+    if name == "auto":
+        name = "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
+    if name == "transformers":
+        return None
+    from exgrpo.dialogue import DialogueTokenizer
+    from exgrpo.vllm_backend import VLLMBackend
+    return VLLMBackend.from_model(model, tok, DialogueTokenizer(tok).eot)
 
 
 def _load(path):
@@ -96,11 +161,10 @@ class DemoConfig:
     backend: str = "transformers"
 
 
-def demo(config, overrides, resume=False):
+def demo(cfg: DemoConfig):
     from exgrpo.ei.pipeline import EIConfig, run_ei
-    from exgrpo.tasks.arithmetic import make_split
     from exgrpo.model import build_student
-    cfg = load_config(DemoConfig, config, overrides)
+    from exgrpo.tasks.arithmetic import make_split
     if cfg.quick:
         cfg = dataclasses.replace(cfg, n_train=24, n_eval=12, sft_epochs=1, rl_steps=2, questions_per_step=2, G=2,
                                   max_new_tokens=24)
@@ -200,3 +264,21 @@ def _plot(curves, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+COMMANDS = {  # name -> (config class, function(cfg, resume))
+    "ei": (None, ei), "sft": (SFTConfig, sft), "train": (TrainConfig, train), "eval": (EvalConfig, eval),
+    "demo": (DemoConfig, lambda cfg, resume=False: demo(cfg)),
+}
+
+
+def _fill_ei():
+    from exgrpo.ei.pipeline import EIConfig
+    COMMANDS["ei"] = (EIConfig, ei)
+
+
+_fill_ei()
+
+
+def run(name: str, cfg, resume: bool = False):
+    COMMANDS[name][1](cfg, resume=resume)

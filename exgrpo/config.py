@@ -107,8 +107,13 @@ def load_config(cls, path: str | None = None, overrides=(), base: dict | None = 
     """cls defaults <- base <- YAML file <- CLI overrides."""
     data = dict(base or {})
     if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--config: no such file {path!r}")
         with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
+            try:
+                loaded = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"--config: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping")
         data = _merge(data, loaded)

@@ -56,8 +56,8 @@ class GenerationBackend(abc.ABC):
     name: str = "backend"
 
     @abc.abstractmethod
-    def generate(self, prompts: list[list[int]], sc: "SamplingConfig", greedy: bool = False,
-                 generator_seed: int | None = None) -> list["Completion"]:
+    def generate(self, prompts: list[list[int]], sc: SamplingConfig, greedy: bool = False,
+                 generator_seed: int | None = None) -> list[Completion]:
         ...
 
     @abc.abstractmethod

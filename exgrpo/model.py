@@ -9,6 +9,7 @@ import torch
 import transformers
 
 from exgrpo.attention import packed_model_kwargs, use_packed_attention
+from exgrpo_kernels.integrations._hf import logit_options
 
 
 # Shapes of real students, built with random weights and the project's byte tokenizer (no download): for GPU
@@ -114,10 +115,30 @@ def base_causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+@dataclass
+class LMHead:
+    """The output layer as the fused kernels take it: weight [V, H], bias [V] or None, and the logit transform the
+    model applies after it (read from the Hugging Face config: Gemma-2/3 ``final_logit_softcapping``, Cohere's
+    ``logit_scale``, and the multipliers other families use), so that log-probs equal the model's own."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    softcap: float | None = None
+    logit_scale: float = 1.0
+
+    def kwargs(self) -> dict:
+        return {"bias": self.bias, "softcap": self.softcap, "logit_scale": self.logit_scale}
+
+
+def logit_transform_of(config) -> tuple[float | None, float]:
+    """(softcap, logit_scale) of a transformers config: see exgrpo_kernels.integrations._hf.logit_options."""
+    return logit_options(config)
+
+
 class PolicyHidden(torch.nn.Module):
     """forward(batch) -> last hidden states [N, H] of a PackedBatch; ``lm_head`` is the [V, H] weight.
 
-    forward(batch, head) -> head(hidden [N, H], lm_head weight [V, H], batch): the loss (or log-probs) computed
+    forward(batch, head) -> head(hidden [N, H], LMHead (weight [V, H], bias, logit transform), batch): the loss computed
     inside the module's forward. DDP and FSDP2 then see one forward per micro-batch, and under FSDP2 the
     lm_head weight is unsharded while the fused kernel reads it (its gradient is reduce-scattered like every
     other). The loss kernels take hidden states and the weight directly: no [N, V] logits."""
@@ -132,9 +153,16 @@ class PolicyHidden(torch.nn.Module):
 
     @property
     def lm_head(self) -> torch.Tensor:
+        """The [V, H] output weight."""
         return self.causal_lm.get_output_embeddings().weight
 
+    def head(self) -> LMHead:
+        out = self.causal_lm.get_output_embeddings()
+        softcap, scale = logit_transform_of(self.causal_lm.config)
+        return LMHead(out.weight, getattr(out, "bias", None), softcap, scale)
+
     def forward(self, batch, head=None):
+        """head(hidden [N, H], LMHead, batch): the loss or log-probs from the hidden states, inside this forward."""
         decoder = getattr(self.causal_lm, self.causal_lm.base_model_prefix)
         h = decoder(**packed_model_kwargs(batch)).last_hidden_state[0]
-        return h if head is None else head(h, self.lm_head, batch)
+        return h if head is None else head(h, self.head(), batch)

@@ -153,10 +153,10 @@ def nll_loss(ctx: StepContext, seqs, num_global_tokens: float) -> tuple[torch.Te
     An empty ``seqs`` gives a zero loss that still runs the forward."""
     b = pack(seqs or _dummy(), ctx.device)
 
-    def head(h, w, b):
+    def head(h, lm, b):
         t = torch.where(b.loss_mask, b.targets, -100)
-        return fused_linear_nll_loss(h, w, t, num_global_tokens=max(float(num_global_tokens), 1.0),
-                                     backend=ctx.kernel_backend) * ctx.world
+        return fused_linear_nll_loss(h, lm.weight, t, num_global_tokens=max(float(num_global_tokens), 1.0),
+                                     backend=ctx.kernel_backend, **lm.kwargs()) * ctx.world
 
     with ctx.autocast():
         loss = ctx.module(b, head)
@@ -173,8 +173,9 @@ def policy_logprobs(ctx: StepContext, model: torch.nn.Module, seqs, temperature:
             continue
         b = pack([seqs[i] for i in mb], ctx.device)
 
-        def head(h, w, b):
-            return fused_linear_logprobs(h, w, b.targets, temperature=temperature, backend=ctx.kernel_backend)
+        def head(h, lm, b):
+            return fused_linear_logprobs(h, lm.weight, b.targets, temperature=temperature, backend=ctx.kernel_backend,
+                                         **lm.kwargs())
 
         with torch.no_grad(), ctx.autocast():
             lp = model(b, head).float()
@@ -236,14 +237,15 @@ def grpo_loss(ctx: StepContext, x: GRPOInputs, idx: list[int], cfg: GRPOLossConf
     cfg = cfg if cfg.backend != "auto" else cfg.replace(backend=ctx.kernel_backend)
     gen_arg = gen if cfg.gen_correction != "off" else None
 
-    def head(h, w, b):
-        loss, m = fused_linear_grpo_loss(h, w, b.targets, b.seq_ids, adv, b.loss_mask, cfg, old_logp=old,
+    def head(h, lm, b):
+        loss, m = fused_linear_grpo_loss(h, lm.weight, b.targets, b.seq_ids, adv, b.loss_mask, cfg, old_logp=old,
                                          ref_logp=ref if cfg.beta != 0 else None, gen_logp=gen_arg,
-                                         num_global_tokens=num_global_tokens)
+                                         num_global_tokens=num_global_tokens, **lm.kwargs())
         if gen_arg is None:  # mismatch between generator and trainer log-probs, logged every step
             with torch.no_grad():
-                lp = fused_linear_logprobs(h.detach(), w.detach(), b.targets, temperature=cfg.temperature,
-                                           backend=cfg.backend)
+                lp = fused_linear_logprobs(h.detach(), lm.weight.detach(), b.targets, temperature=cfg.temperature,
+                                           backend=cfg.backend, **dict(lm.kwargs(), bias=None if lm.bias is None
+                                                                        else lm.bias.detach()))
                 d = (lp - gen).abs()[b.loss_mask]
                 m["gen_logp_abs_diff_mean"] = d.mean() if d.numel() else d.new_zeros(())
                 m["gen_logp_abs_diff_max"] = d.max() if d.numel() else d.new_zeros(())
@@ -257,7 +259,7 @@ def mismatch_only(ctx: StepContext, x: GRPOInputs, temperature: float) -> MicroS
     """The generator/trainer log-prob mismatch without a backward (a step whose advantages are all zero)."""
     stats = MicroStats()
     lp = policy_logprobs(ctx, ctx.module, x.seqs, temperature)
-    for (ids, mask), l, g in zip(x.seqs, lp, x.gen_logp):
+    for (_, mask), l, g in zip(x.seqs, lp, x.gen_logp):
         d = (l - g).abs()[mask.bool()]
         if d.numel():
             stats.add_metrics({"gen_logp_abs_diff_mean": d.mean(), "gen_logp_abs_diff_max": d.max(),

@@ -356,8 +356,18 @@ def _trainer_state(state, opt, sched):
 
 
 def _restore(path, model, opt, sched) -> dict:
+    try:
+        return _restore_unchecked(path, model, opt, sched)
+    except (OSError, RuntimeError, KeyError, EOFError, ValueError) as e:
+        raise ValueError(f"--resume: checkpoint {path} is unreadable or from another setup: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+
+
+def _restore_unchecked(path, model, opt, sched) -> dict:
     from safetensors.torch import load_file
     files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
+    if not files:
+        raise ValueError("no model weights (*.safetensors) in it")
     sd = {}
     for f in files:
         sd.update(load_file(os.path.join(path, f)))
@@ -527,7 +537,8 @@ def make_backend(cfg: TrainConfig, model, tok, dtok) -> GenerationBackend:
         be = VLLMServerBackend(cfg.server_url, cfg.server_model, tok, dtok.eot)
         be.sync_weights(model)  # the server starts from the policy's weights
         return be
-    return TransformersBackend(model, tok, dtok.eot, autocast_dtype=autocast_dtype(cfg.precision, next(model.parameters()).device))
+    dev = next(model.parameters()).device
+    return TransformersBackend(model, tok, dtok.eot, autocast_dtype=autocast_dtype(cfg.precision, dev))
 
 
 # ================================================================================================ evaluation

@@ -173,7 +173,8 @@ class VLLMServerBackend(GenerationBackend):
         import httpx
         self.base = base_url.rstrip("/").removesuffix("/v1")
         self.model, self.tok, self.eot = model, tokenizer, sorted(set(eot_ids))
-        self.weights_dir = weights_dir or tempfile.mkdtemp(prefix="exgrpo-weights-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.weights_dir = weights_dir or tempfile.mkdtemp(prefix="exgrpo-weights-", dir=shm)
         self.max_concurrency = max_concurrency
         self.http = httpx.Client(timeout=timeout_s)
 

@@ -17,6 +17,7 @@ Each chunk op has a ``backend`` argument: "triton" runs the kernels, "torch" the
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -46,8 +47,28 @@ def num_warps(block: int) -> int:
 
 
 @triton.jit
-def row_stats(z_ptr, V, target, inv_tau, BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):
-    # z' = z / tau (fp32).  Online, per lane j of the block (no cross-lane reduction inside the loop):
+def logit_transform(x, pre, cap, inv_tau, HAS_CAP: tl.constexpr):
+    # raw logit x (GEMM output, bias included) -> z' = soft_cap(pre * x) / tau,  soft_cap(y) = cap tanh(y / cap)
+    y = x * pre
+    if HAS_CAP:
+        y = cap * (2.0 / (1.0 + tl.exp(-2.0 * y / cap)) - 1.0)  # tanh(v) = 2 sigmoid(2v) - 1
+    return y * inv_tau
+
+
+@triton.jit
+def logit_transform_grad(x, pre, cap, inv_tau, HAS_CAP: tl.constexpr):
+    # dz'/dx = pre (1 - tanh^2(pre x / cap)) / tau   (without the cap: pre / tau)
+    d = pre * inv_tau
+    if HAS_CAP:
+        t = 2.0 / (1.0 + tl.exp(-2.0 * x * pre / cap)) - 1.0
+        d = d * (1.0 - t * t)
+    return d
+
+
+@triton.jit
+def row_stats(z_ptr, V, target, inv_tau, pre, cap, BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+              HAS_CAP: tl.constexpr):
+    # z' = transform(x) (fp32).  Online, per lane j of the block (no cross-lane reduction inside the loop):
     #   m_j = max z',  s_j = sum exp(z' - m_j),  a_j = sum exp(z' - m_j) z'
     # then across lanes, with M = max_j m_j and w_j = exp(m_j - M):
     #   lse = M + log sum_j s_j w_j,   l = z'[target] - lse,   H = lse - (sum_j a_j w_j) / (sum_j s_j w_j)
@@ -56,7 +77,9 @@ def row_stats(z_ptr, V, target, inv_tau, BLOCK_V: tl.constexpr, WITH_ENTROPY: tl
     a = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        z = tl.load(z_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_tau
+        msk = cols < V
+        x = tl.load(z_ptr + cols, mask=msk, other=0.0).to(tl.float32)
+        z = tl.where(msk, logit_transform(x, pre, cap, inv_tau, HAS_CAP), float("-inf"))
         m_new = tl.maximum(m, z)
         m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)  # a lane with no column yet: every exp below is 0
         scale = tl.exp(m - m_ref)
@@ -69,35 +92,38 @@ def row_stats(z_ptr, V, target, inv_tau, BLOCK_V: tl.constexpr, WITH_ENTROPY: tl
     w = tl.exp(m - M)
     S = tl.sum(s * w, 0)
     lse = M + tl.log(S)
-    zt = tl.load(z_ptr + target).to(tl.float32) * inv_tau
+    zt = logit_transform(tl.load(z_ptr + target).to(tl.float32), pre, cap, inv_tau, HAS_CAP)
     ent = lse - tl.sum(a * w, 0) / S
     return lse, zt - lse, ent
 
 
 @triton.jit
-def row_grad(z_ptr, g_ptr, V, col0, target, inv_tau, lse, ent, c_l, c_h,
-             BLOCK_V: tl.constexpr, WITH_ENT_GRAD: tl.constexpr):
+def row_grad(z_ptr, g_ptr, V, col0, target, inv_tau, pre, cap, lse, ent, c_l, c_h,
+             BLOCK_V: tl.constexpr, WITH_ENT_GRAD: tl.constexpr, HAS_CAP: tl.constexpr):
     # p_j = exp(z'_j - lse).  With upstream c_l on l and c_h on H:
-    #   dJ/dz_j = (c_l (1[j = target] - p_j) - c_h p_j (log p_j + H)) / tau
+    #   dJ/dz'_j = c_l (1[j = target] - p_j) - c_h p_j (log p_j + H),   dJ/dx_j = dJ/dz'_j dz'_j/dx_j
     # Columns j = col0 + local index (col0 > 0 when the tile is a vocabulary slab). g may alias z.
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         msk = cols < V
-        zs = tl.load(z_ptr + cols, mask=msk, other=0.0).to(tl.float32) * inv_tau
-        logp = zs - lse
+        x = tl.load(z_ptr + cols, mask=msk, other=0.0).to(tl.float32)
+        logp = logit_transform(x, pre, cap, inv_tau, HAS_CAP) - lse
         p = tl.exp(logp)
         g = c_l * (tl.where(cols + col0 == target, 1.0, 0.0) - p)
         if WITH_ENT_GRAD:
             g -= c_h * p * tl.where(p > 0, logp + ent, 0.0)
-        tl.store(g_ptr + cols, (g * inv_tau).to(g_ptr.dtype.element_ty), mask=msk)
+        g = g * logit_transform_grad(x, pre, cap, inv_tau, HAS_CAP)
+        tl.store(g_ptr + cols, g.to(g_ptr.dtype.element_ty), mask=msk)
 
 
 @triton.jit
-def _stats_kernel(Z, stride_z, T, LOGP, LSE, ENT, V, inv_tau, BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):
+def _stats_kernel(Z, stride_z, T, LOGP, LSE, ENT, V, inv_tau, pre, cap, BLOCK_V: tl.constexpr,
+                  WITH_ENTROPY: tl.constexpr, HAS_CAP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     t = tl.load(T + row)
     valid = t != -100
-    lse, l, ent = row_stats(Z + row * stride_z, V, tl.where(valid, t, 0), inv_tau, BLOCK_V, WITH_ENTROPY)
+    lse, l, ent = row_stats(Z + row * stride_z, V, tl.where(valid, t, 0), inv_tau, pre, cap, BLOCK_V, WITH_ENTROPY,
+                            HAS_CAP)
     tl.store(LOGP + row, tl.where(valid, l, 0.0))
     tl.store(LSE + row, lse)
     if WITH_ENTROPY:
@@ -105,8 +131,8 @@ def _stats_kernel(Z, stride_z, T, LOGP, LSE, ENT, V, inv_tau, BLOCK_V: tl.conste
 
 
 @triton.jit
-def _grad_kernel(Z, stride_z, G, stride_g, T, LSE, ENT, GL, GH, V, col0, inv_tau,
-                 BLOCK_V: tl.constexpr, WITH_ENT_GRAD: tl.constexpr):
+def _grad_kernel(Z, stride_z, G, stride_g, T, LSE, ENT, GL, GH, V, col0, inv_tau, pre, cap,
+                 BLOCK_V: tl.constexpr, WITH_ENT_GRAD: tl.constexpr, HAS_CAP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     t = tl.load(T + row)
     c_l = tl.where(t != -100, tl.load(GL + row), 0.0)
@@ -115,13 +141,35 @@ def _grad_kernel(Z, stride_z, G, stride_g, T, LSE, ENT, GL, GH, V, col0, inv_tau
     if WITH_ENT_GRAD:
         c_h = tl.load(GH + row)
         ent = tl.load(ENT + row)
-    row_grad(Z + row * stride_z, G + row * stride_g, V, col0, t, inv_tau, tl.load(LSE + row), ent,
-             c_l, c_h, BLOCK_V, WITH_ENT_GRAD)
+    row_grad(Z + row * stride_z, G + row * stride_g, V, col0, t, inv_tau, pre, cap, tl.load(LSE + row), ent,
+             c_l, c_h, BLOCK_V, WITH_ENT_GRAD, HAS_CAP)
 
 
 # ----------------------------------------------------------------------------------------------
 # Chunk-level operations, one per backend (triton: the kernels above; torch: the CPU twin)
 # ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What turns a GEMM output x (h W^T + b) into the logits the softmax sees: z = soft_cap(scale x) / tau,
+    soft_cap(y) = softcap tanh(y / softcap) (Gemma-2/3 ``final_logit_softcapping``; None = off), scale: Cohere's
+    ``logit_scale`` (and the multipliers of other families)."""
+
+    inv_tau: float = 1.0
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def args(self):
+        return float(self.inv_tau), float(self.scale), float(self.softcap or 0.0)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """torch: z [.., V] fp32 from x."""
+        y = x.float() * self.scale if self.scale != 1.0 else x.float()
+        if self.softcap:
+            y = self.softcap * torch.tanh(y / self.softcap)
+        return y * self.inv_tau if self.inv_tau != 1.0 else y
 
 
 def _check_rows(name: str, x: torch.Tensor, C: int) -> None:
@@ -130,9 +178,9 @@ def _check_rows(name: str, x: torch.Tensor, C: int) -> None:
         raise ValueError(f"{name} must be a contiguous [{C}] vector, got shape {tuple(x.shape)} strides {x.stride()}")
 
 
-def chunk_stats(z: torch.Tensor, t: torch.Tensor, inv_tau: float, with_entropy: bool, backend: str):
-    """Row statistics of a logits tile. z [C, V] any float dtype (rows may be strided, columns contiguous),
-    t [C] int64 contiguous (-100 = no target).
+def chunk_stats(z: torch.Tensor, t: torch.Tensor, xf: LogitTransform, with_entropy: bool, backend: str):
+    """Row statistics of a logits tile. z [C, V] any float dtype (raw GEMM output; rows may be strided, columns
+    contiguous), t [C] int64 contiguous (-100 = no target), xf the logit transform (temperature etc.).
 
     Returns (logp [C] fp32, 0 where t == -100; lse [C] fp32; entropy [C] fp32 or None).
     """
@@ -144,10 +192,10 @@ def chunk_stats(z: torch.Tensor, t: torch.Tensor, inv_tau: float, with_entropy: 
         lse = torch.full((C,), float("nan"), dtype=torch.float32, device=z.device)
         ent = torch.full((C,), float("nan"), dtype=torch.float32, device=z.device) if with_entropy else lse
         bv = block_v(V)
-        _stats_kernel[(C,)](z, z.stride(0), t, logp, lse, ent, V, inv_tau,
-                            BLOCK_V=bv, WITH_ENTROPY=with_entropy, num_warps=num_warps(bv))
+        _stats_kernel[(C,)](z, z.stride(0), t, logp, lse, ent, V, *xf.args,
+                            BLOCK_V=bv, WITH_ENTROPY=with_entropy, HAS_CAP=bool(xf.softcap), num_warps=num_warps(bv))
         return logp, lse, (ent if with_entropy else None)
-    zs = z.float() * inv_tau
+    zs = xf.apply(z)
     lse = torch.logsumexp(zs, dim=-1)
     valid = t != IGNORE_INDEX
     zt = zs.gather(1, torch.where(valid, t, 0).unsqueeze(1)).squeeze(1)
@@ -160,13 +208,13 @@ def chunk_stats(z: torch.Tensor, t: torch.Tensor, inv_tau: float, with_entropy: 
 
 
 def chunk_grad_(z: torch.Tensor, t: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor | None,
-                c_l: torch.Tensor, c_h: torch.Tensor | None, inv_tau: float, backend: str,
+                c_l: torch.Tensor, c_h: torch.Tensor | None, xf: LogitTransform, backend: str,
                 col0: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Gradient of J with respect to the logits tile z [C, Vs] (columns col0 .. col0+Vs of the vocabulary).
+    """Gradient of J with respect to the raw logits tile z [C, Vs] (columns col0 .. col0+Vs of the vocabulary).
 
-    dJ/dz = (c_l (onehot(t) - p) - c_h p (log p + H)) / tau, p = softmax(z / tau) with the full-row lse [C].
-    c_l [C] fp32 (ignored where t == -100), c_h [C] fp32 or None (no entropy gradient); all [C] vectors
-    contiguous. Written into ``out`` (default: z itself, in place) and returned.
+    dJ/dz' = c_l (onehot(t) - p) - c_h p (log p + H), p = softmax(z'), z' = xf(z) with the full-row lse [C];
+    dJ/dz = dJ/dz' * dz'/dz. c_l [C] fp32 (ignored where t == -100), c_h [C] fp32 or None (no entropy
+    gradient); all [C] vectors contiguous. Written into ``out`` (default: z itself, in place) and returned.
     """
     out = z if out is None else out
     C, V = z.shape
@@ -176,13 +224,20 @@ def chunk_grad_(z: torch.Tensor, t: torch.Tensor, lse: torch.Tensor, ent: torch.
             _check_rows(name, x, C)
         bv = block_v(V)
         _grad_kernel[(C,)](z, z.stride(0), out, out.stride(0), t, lse, ent if with_h else lse, c_l,
-                           c_h if with_h else c_l, V, col0, inv_tau,
-                           BLOCK_V=bv, WITH_ENT_GRAD=with_h, num_warps=num_warps(bv))
+                           c_h if with_h else c_l, V, col0, *xf.args,
+                           BLOCK_V=bv, WITH_ENT_GRAD=with_h, HAS_CAP=bool(xf.softcap), num_warps=num_warps(bv))
         return out
     # torch twin, in place on an fp32 buffer (the CPU path): a few passes over the tile
     buf = z if (out is z and z.dtype == torch.float32) else z.float()
-    if inv_tau != 1.0:
-        buf.mul_(inv_tau)
+    dz = None  # dz'/dz where it is not a constant
+    if xf.scale != 1.0:
+        buf.mul_(xf.scale)
+    if xf.softcap:
+        th = torch.tanh(buf / xf.softcap)
+        dz = 1.0 - th * th
+        torch.mul(th, xf.softcap, out=buf)
+    if xf.inv_tau != 1.0:
+        buf.mul_(xf.inv_tau)
     buf.sub_(lse.unsqueeze(1))  # log p
     q = None
     if with_h:
@@ -199,8 +254,11 @@ def chunk_grad_(z: torch.Tensor, t: torch.Tensor, lse: torch.Tensor, ent: torch.
     buf[rows, local[rows]] += cl[rows]
     if with_h:
         buf.sub_(q)
-    if inv_tau != 1.0:
-        buf.mul_(inv_tau)
+    k = xf.inv_tau * xf.scale
+    if k != 1.0:
+        buf.mul_(k)
+    if dz is not None:
+        buf.mul_(dz)
     if out is not buf:
         out.copy_(buf)
     return out
@@ -228,26 +286,35 @@ def chunk_rows(V: int, H: int, zdt: torch.dtype, device: torch.device, accumulat
 
 
 class Tiles:
-    """Logits tiles of the rows of ``h`` [n, H] against ``weight`` [V, H] in the GEMM dtype ``mdt`` (logits in
-    ``zdt``), and the two gradient GEMMs of a tile's gradient:
+    """Logits tiles of the rows of ``h`` [n, H] against ``weight`` [V, H] (+ ``bias`` [V]) in the GEMM dtype
+    ``mdt`` (logits in ``zdt``), and the gradient GEMMs of a tile's gradient g:
 
-        z = h[s:e] W^T                  [C, V]   (1 GEMM)
+        z = h[s:e] W^T (+ b)            [C, V]   (1 GEMM)
         grad_h[s:e] = g W               [C, H]   (1 GEMM, written once per row)
         grad_W += g^T h[s:e]            [V, H]   (1 GEMM, accumulated in fp32: one rounding at the end)
+        grad_b += sum_rows g            [V]      (fp32)
 
     ``grad_hidden`` is NaN-filled until written (poison: an unwritten row fails loudly)."""
 
-    def __init__(self, h, weight, mdt, zdt, need_h: bool, need_w: bool, hidden_dtype):
+    def __init__(self, h, weight, mdt, zdt, need_h: bool, need_w: bool, hidden_dtype, bias=None, need_b=False):
         self.h, self.mdt, self.zdt = h, mdt, zdt
         self.w = weight.to(mdt)
+        self.b = None if bias is None else bias.to(zdt)
         n, H = h.shape
         self.grad_h = torch.full((n, H), float("nan"), dtype=hidden_dtype, device=h.device) if need_h else None
         self.grad_w = torch.zeros(weight.shape, dtype=acc_dtype(weight), device=h.device) if need_w else None
+        self.grad_b = torch.zeros(bias.shape, dtype=acc_dtype(bias), device=h.device) if (need_b and bias is not None) else None
+
+    @property
+    def any_grad(self) -> bool:
+        return self.grad_h is not None or self.grad_w is not None or self.grad_b is not None
 
     def logits(self, s: int, e: int):
         """(h chunk in mdt, z [C, V] in zdt, g: the buffer the tile's gradient goes to (z itself when it can))."""
         hc = self.h[s:e].to(self.mdt)
         z = mm(hc, self.w.t(), out_dtype=self.zdt)
+        if self.b is not None:
+            z.add_(self.b)
         g = z if z.dtype == self.mdt else torch.empty(z.shape, dtype=self.mdt, device=z.device)
         return hc, z, g
 
@@ -256,3 +323,11 @@ class Tiles:
             self.grad_h[s:e] = mm(g, self.w).to(self.grad_h.dtype)
         if self.grad_w is not None:
             addmm_fp32_(self.grad_w, g.t(), hc)
+        if self.grad_b is not None:
+            self.grad_b += g.sum(0, dtype=self.grad_b.dtype)
+
+    def weight_grads(self, weight, bias):
+        """(grad_weight in weight's dtype or None, grad_bias in bias's dtype or None)."""
+        gw = None if self.grad_w is None else self.grad_w.to(weight.dtype)
+        gb = None if self.grad_b is None else self.grad_b.to(bias.dtype)
+        return gw, gb

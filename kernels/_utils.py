@@ -7,6 +7,10 @@ import os
 
 import torch
 
+if __package__ != "exgrpo_kernels":
+    raise ImportError(f"{__name__} belongs to the package exgrpo_kernels (the folder kernels/, mapped by setup.py); "
+                      f"import exgrpo_kernels, not {__package__}: `kernels` is Hugging Face's hub-kernels package")
+
 IGNORE_INDEX = -100
 _BACKENDS = ("auto", "triton", "torch")
 BACKEND_ENV = "EXGRPO_KERNEL_BACKEND"  # forces the backend that "auto" resolves to (CI: triton under the interpreter)
@@ -104,7 +108,7 @@ def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.add_(torch.mm(a.float(), b.float()))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _has_mm_out_dtype(device_index: int, dtype: torch.dtype) -> bool:
     dev = torch.device("cuda", device_index)
     try:
@@ -115,7 +119,7 @@ def _has_mm_out_dtype(device_index: int, dtype: torch.dtype) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _has_addmm_out_dtype(device_index: int, dtype: torch.dtype) -> bool:
     dev = torch.device("cuda", device_index)
     try:
@@ -168,7 +172,42 @@ def check_hidden_weight_targets(hidden: torch.Tensor, weight: torch.Tensor, targ
         raise ValueError(f"hidden is on {hidden.device} but weight is on {weight.device}")
     check_1d("targets", targets, hidden.shape[0], INT_DTYPES, hidden.device)
     V = weight.shape[0]
+    if torch.compiler.is_compiling():  # value checks read the device: eager only (a traced graph cannot branch on them)
+        return
     bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= V))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"targets[{i}] = {int(targets[i])} is outside [0, V={V}) and is not the ignore index {IGNORE_INDEX}")
+
+
+def check_head(weight: torch.Tensor, bias, temperature: float, softcap, logit_scale: float) -> None:
+    """The lm_head's optional parts and the logit transform's scalars."""
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be a [V={weight.shape[0]}] tensor or None, got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        if bias.device != weight.device:
+            raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
+        if bias.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"bias must be a float tensor, got {bias.dtype}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+    if not (isinstance(logit_scale, (int, float)) and logit_scale == logit_scale and abs(logit_scale) != float("inf")
+            and logit_scale != 0):
+        raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale!r}")
+
+
+def scale_grads_(grad_out: torch.Tensor, *grads):
+    """Stored gradients of a scalar loss times its upstream gradient. Eager: in place (no second [V, H] copy), with
+    one host read to skip the multiply when the upstream is 1, as it is for ``loss.backward()``. Under
+    torch.compile: out of place (no host read in a traced graph)."""
+    if torch.compiler.is_compiling():
+        return tuple(None if g is None else g * grad_out.to(g.dtype) for g in grads)
+    s = float(grad_out)
+    if s != 1.0:
+        for g in grads:
+            if g is not None:
+                g.mul_(s)
+    return grads

@@ -50,7 +50,7 @@ class PackedBatch:
     def num_seqs(self) -> int:
         return int(self.lengths.shape[0])
 
-    def to(self, device) -> "PackedBatch":
+    def to(self, device) -> PackedBatch:
         return PackedBatch(*(getattr(self, f).to(device) for f in ("input_ids", "position_ids", "targets", "seq_ids",
                                                                     "loss_mask", "cu_seqlens", "lengths")),
                            max_seqlen=self.max_seqlen)

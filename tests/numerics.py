@@ -36,9 +36,12 @@ def _value_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class GemmRecorder:
-    """Records every matrix product that reaches the dispatcher (forward and backward, inside custom autograd
-    Functions too): (op, operand shapes, operand value dtypes (see _value_dtype)). ``vocab_gemms(V)`` keeps the ones with a dimension
-    of size V; ``matmul_units(n, H, V)`` is their FLOPs over one [n, H] x [H, V] product."""
+    """Records every matrix product of a computation, forward and backward: (op, operand shapes, operand value
+    dtypes (see _value_dtype)). Products inside this project's custom ops (exgrpo::*, opaque to a dispatch mode)
+    are recorded where the kernels issue them (their ``mm`` / ``addmm_fp32_``); every other aten product is
+    recorded by a dispatch mode, so a [tokens x vocab] product anywhere else shows up too.
+    ``vocab_gemms(V)`` keeps the ones with a dimension of size V; ``matmul_units(n, H, V)`` is their FLOPs over
+    one [n, H] x [H, V] product."""
 
     def __init__(self):
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -51,17 +54,35 @@ class GemmRecorder:
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 mats = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 2]
                 if func.overloadpacket in packets and len(mats) >= 2:  # batched (3-D) products: not vocabulary GEMMs
-                    a, b = mats[-2], mats[-1]
-                    rec.calls.append((str(func), tuple(a.shape), tuple(b.shape), _value_dtype(a), _value_dtype(b)))
+                    rec._add(str(func), mats[-2], mats[-1])
                 return func(*args, **(kwargs or {}))
 
         self._mode = _Mode()
+        self._patches = []
+
+    def _add(self, name, a, b):
+        self.calls.append((name, tuple(a.shape), tuple(b.shape), _value_dtype(a), _value_dtype(b)))
 
     def __enter__(self):
+        import exgrpo_kernels._rows as rows_mod
+        import exgrpo_kernels.grpo_loss as grpo_mod
+        for mod in (rows_mod, grpo_mod):
+            for name in ("mm", "addmm_fp32_"):
+                orig = getattr(mod, name)
+
+                def wrapped(*args, _orig=orig, _name=name, **kw):
+                    a, b = args[-2], args[-1]
+                    self._add(f"exgrpo:{_name}", a, b)
+                    return _orig(*args, **kw)
+                self._patches.append((mod, name, orig))
+                setattr(mod, name, wrapped)
         self._mode.__enter__()
         return self
 
     def __exit__(self, *exc):
+        for mod, name, orig in self._patches:
+            setattr(mod, name, orig)
+        self._patches.clear()
         return self._mode.__exit__(*exc)
 
     def vocab_gemms(self, V):

@@ -2,7 +2,7 @@
 import pytest
 
 from exgrpo.data.answers import is_correct
-from exgrpo.ei.rules import RULE_NAMES, RULES, get_rules, probe_answer_type
+from exgrpo.rules import RULE_NAMES, RULES, get_rules, probe_answer_type
 from exgrpo.tasks.arithmetic import SymbolicTeacher, make_split, problem_of
 
 

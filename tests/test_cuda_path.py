@@ -1,4 +1,5 @@
-"""The trainer's CUDA code path (on a GPU: the same tests run on CUDA). On the CPU: the real SFT step, GRPO step with the auxiliary loss, and the
+"""The trainer's CUDA code path (on a GPU: the same tests run on CUDA). On the CPU: the real SFT step, GRPO step
+with the auxiliary loss, and the
 old-log-prob pass of ``updates_per_batch > 1`` run through ``exgrpo.steps`` with the Triton kernels (interpreter,
 forced with ``$EXGRPO_KERNEL_BACKEND=triton``), the torch kernels, and a plain full-logits torch implementation
 of the same step; every parameter gradient must agree. Also: bf16 autocast through the trainer gives bf16
@@ -182,7 +183,7 @@ def test_old_logprob_pass_of_two_updates(monkeypatch):
     loss.backward()
     _compare(out["triton"][0][0], _grads(model), 1e-4, "update 0 vs full logits")
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             p -= 0.05 * p.grad
             p.grad = None
     h, t, lm, sid = _plain_batch(model, seqs)

@@ -15,7 +15,8 @@ HERE = os.path.dirname(__file__)
 def run(nproc, data, out):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           os.path.join(HERE, "ddp_script.py"), data, out] if nproc > 1 else [sys.executable, os.path.join(HERE, "ddp_script.py"), data, out]
+           os.path.join(HERE, "ddp_script.py"), data, out] if nproc > 1 else [
+        sys.executable, os.path.join(HERE, "ddp_script.py"), data, out]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(os.path.join(out, "result.pt"), weights_only=False)

@@ -74,3 +74,25 @@ def test_csv_and_json_sources(tmp_path):
         load_dataset("gsm9k")
     with pytest.raises(FileNotFoundError, match="no data at"):
         load_dataset("gsm8k", str(tmp_path / "missing.jsonl"))
+
+
+def test_parquet_file_made_here_loads_like_jsonl(tmp_path):
+    """The parquet path (pyarrow, the `data` extra) reads the hub schema: GSM8K rows written to a parquet file load
+    to the same examples as the JSONL they came from."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    rows = [json.loads(x) for x in open(os.path.join(SHARED_DATA, "gsm8k", "test.jsonl"))][:25]
+    path = tmp_path / "test.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    from_parquet = load_dataset("gsm8k", str(path), split="test")
+    jsonl = tmp_path / "test.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [(e.question, e.answer, e.rationale) for e in from_parquet] == \
+        [(e.question, e.answer, e.rationale) for e in load_dataset("gsm8k", str(jsonl), split="test")]
+    assert len(from_parquet) == 25
+
+
+@pytest.mark.parametrize("name", ["tabmwp", "gsm8k_reversal"])
+def test_sets_without_a_hub_copy_say_how_to_supply_files(name):
+    with pytest.raises(ValueError, match=rf"{name}: no hub copy .* source=<file"):
+        load_dataset(name, "hub")

@@ -2,7 +2,6 @@
 concurrent chats, a clear error on 4xx, retries then a clear error (no hang) when the server is killed mid-run,
 and `exgrpo ei` end to end on a GSM8K slice with its report."""
 import json
-import os
 import threading
 import time
 
@@ -54,7 +53,7 @@ def test_ei_end_to_end_on_gsm8k_slice(server, tmp_path):
 
 
 def test_server_killed_mid_run_gives_a_clear_error_not_a_hang(server):
-    c = ChatClient(ChatConfig(base_url=server.url, model="teacher", max_tokens=400, max_retries=2, backoff_s=0.2,
+    c = ChatClient(ChatConfig(base_url=server.url, model="teacher", max_tokens=400, max_retries=2,
                               timeout_s=20, max_concurrency=4))
     killer = threading.Timer(1.5, server.kill)
     killer.start()

@@ -209,6 +209,11 @@ def test_exgrpo_steps_and_resume_after_kill_match_an_uninterrupted_run(data, tmp
     train(TrainConfig(out_dir=str(run_dir), **common), resume=True)
     got = [json.loads(x) for x in open(run_dir / "metrics.jsonl")]
     assert [m["step"] for m in got] == [0, 1, 2, 3]
+    # rollout samples: 2 of each scenario per step, bounded text, cut back to the checkpoint on resume like metrics
+    samples = [json.loads(x) for x in open(run_dir / "samples.jsonl")]
+    assert [(s["step"], s["scenario"]) for s in samples] == [(k, sc) for k in range(4) for sc in "AABB"]
+    assert samples == [json.loads(x) for x in open(ref_dir / "samples.jsonl")]
+    assert all(0 < len(s["text"]) <= 4000 and "<|im_start|>user" in s["text"] for s in samples)
     timing = {"tokens_per_s", "time_gen_s", "time_score_s", "time_train_s", "peak_mem_gib"}
     for a, b in zip(got, ref_metrics):
         assert set(a) == set(b)

@@ -55,7 +55,8 @@ def test_samples_ids_logprobs_and_determinism(engine):
 
 def test_weight_sync_after_a_step_matches_the_trainer(engine):
     model, tok, dtok, vb = engine
-    seq = dtok.encode([{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "2 + 2 = 4. The answer is 4."}]).input_ids
+    seq = dtok.encode([{"role": "user", "content": "2+2?"},
+                       {"role": "assistant", "content": "2 + 2 = 4. The answer is 4."}]).input_ids
     before = vb.prompt_logprobs([seq])[0]
     ref = trainer_logprobs(model, seq)[:-1].tolist()
     assert max(abs(u - v) for u, v in zip(before[1:], ref)) < 1e-4

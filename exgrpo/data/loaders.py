@@ -171,7 +171,7 @@ def _gsm8k_reversal(r, i):
 class DatasetSpec:
     name: str
     row: callable
-    hub: tuple  # (path, config) for datasets.load_dataset; users may override
+    hub: tuple | None  # (path, config) for datasets.load_dataset; None: no public hub copy in this schema
     default_file: str = "sample.jsonl"
 
 
@@ -181,13 +181,13 @@ SPECS = {s.name: s for s in (
     DatasetSpec("arc_challenge", _arc, ("allenai/ai2_arc", "ARC-Challenge")),
     DatasetSpec("math", _math, ("EleutherAI/hendrycks_math", None)),
     DatasetSpec("gsm8k", _gsm8k, ("openai/gsm8k", "main"), "train.jsonl"),
-    DatasetSpec("tabmwp", _tabmwp, ("tabmwp", None)),
+    DatasetSpec("tabmwp", _tabmwp, None),  # the authors publish JSON files (lupantech/PromptPG), not a hub set
     DatasetSpec("anli", _nli("premise", "hypothesis", "reason"), ("facebook/anli", None)),
     DatasetSpec("date_understanding", _date_understanding, ("lukaemon/bbh", "date_understanding")),
     DatasetSpec("boolq", _boolq, ("google/boolq", None)),
     DatasetSpec("openbookqa", _openbookqa, ("allenai/openbookqa", "main")),
     DatasetSpec("esnli", _nli("premise", "hypothesis", "explanation_1"), ("esnli", None)),
-    DatasetSpec("gsm8k_reversal", _gsm8k_reversal, ("gsm8k_reversal", None)),
+    DatasetSpec("gsm8k_reversal", _gsm8k_reversal, None),  # no hub set in the MR-GSM8K "reversed" schema
 )}
 
 
@@ -302,8 +302,12 @@ def _hub_rows(spec, source, split):
     except ImportError as e:
         raise ImportError("loading from the Hugging Face hub needs `pip install datasets`") from e
     parts = source.split(":")
+    if (len(parts) < 2 or not parts[1]) and spec.hub is None:
+        raise ValueError(f"{spec.name}: no hub copy in the schema this loader reads; download the files and pass "
+                         f"source=<file.json|.jsonl|.csv|.parquet> (or data_root=<folder with {spec.name}/>), or name a "
+                         f"hub set in this schema with source=hub:<id>[:<config>]")
     path = parts[1] if len(parts) > 1 and parts[1] else spec.hub[0]
-    config = parts[2] if len(parts) > 2 else spec.hub[1]
+    config = parts[2] if len(parts) > 2 else (spec.hub[1] if spec.hub else None)
     ds = datasets.load_dataset(path, config, split=split)
     return ((i + 1, dict(r)) for i, r in enumerate(ds))
 

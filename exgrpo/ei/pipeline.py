@@ -22,9 +22,10 @@ from tqdm import tqdm
 from exgrpo.config import save_config
 from exgrpo.data.answers import is_correct
 from exgrpo.data.loaders import Example, load_dataset
-from exgrpo.ei.rules import RULE_NAMES, Probe, get_rules
-from exgrpo.ei.teacher import SOLVE, ChatConfig
+from exgrpo.rules import RULE_NAMES, Probe, get_rules
+from exgrpo.ei.teacher import SOLVE, ChatClient, ChatConfig, LLMTeacher, SymbolicBatchTeacher, TransformersChat
 from exgrpo.io import AppendLog, atomic_write_json, write_jsonl_atomic
+from exgrpo.tasks.arithmetic import make_split
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class EIConfig:
     seed: int = 0
 
     def __post_init__(self):
+        from exgrpo.data.loaders import SPECS
+        for n in self.data:
+            if n != "arithmetic" and n not in SPECS:
+                raise ValueError(f"EIConfig.data: unknown data set {n!r}; known: arithmetic, {', '.join(sorted(SPECS))}")
         get_rules(self.rules)
         if not 1 <= self.rules_per_example <= len(self.rules):
             raise ValueError(f"EIConfig.rules_per_example must be in [1, {len(self.rules)}], got {self.rules_per_example}")
@@ -60,7 +65,6 @@ class EIConfig:
 
 
 def load_examples(cfg: EIConfig) -> list[Example]:
-    from exgrpo.tasks.arithmetic import make_split
     out = []
     for name in cfg.data:
         if name == "arithmetic":
@@ -120,7 +124,8 @@ def run_ei(cfg: EIConfig, *, teacher=None, student=None, examples=None, progress
         if student is not None:
             todo = [k for k, rec in probes.records.items() if rec["consistent"] and k not in stud]
             for b in bar(list(_batches(todo, cfg.batch_size)), desc="student", disable=not todo):
-                convs = [[{"role": "system", "content": SOLVE}, {"role": "user", "content": probes.records[k]["probe"]["question"]}]
+                convs = [[{"role": "system", "content": SOLVE},
+                          {"role": "user", "content": probes.records[k]["probe"]["question"]}]
                          for k in b]
                 for k, text in zip(b, student.chat_many(convs)):
                     p = probes.records[k]["probe"]
@@ -183,7 +188,6 @@ def _assemble(cfg, examples, rationale, probes, stud, filtered):
 
 
 def build_teacher(cfg: EIConfig):
-    from exgrpo.ei.teacher import ChatClient, LLMTeacher, SymbolicBatchTeacher
     if cfg.teacher == "symbolic":
         return SymbolicBatchTeacher()
     if cfg.teacher == "openai":
@@ -195,7 +199,6 @@ def build_teacher(cfg: EIConfig):
 
 def build_local_chat(path: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from exgrpo.ei.teacher import TransformersChat
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     return TransformersChat(model.eval(), tok)

@@ -1,9 +1,10 @@
 """Teachers for Explanatory Inversion.
 
 * ``ChatClient``: any OpenAI-compatible chat endpoint through the ``openai`` package (a ``vllm serve`` of a
-  large open model, or a hosted API): bounded concurrency, retry with exponential backoff and jitter on
-  429 / 5xx / timeouts / dropped connections, a clear ``TeacherError`` at once on other 4xx, a timeout per
-  request. The key is read from an environment variable and never logged or shown in errors.
+  large open model, or a hosted API): bounded concurrency; the openai client's own retries (408 / 409 / 429 /
+  5xx, timeouts and dropped connections, exponential backoff with jitter, honouring Retry-After); a clear
+  ``TeacherError`` once they are spent, and at once on other 4xx; a timeout per request. The key is read from an
+  environment variable and never logged or shown in errors.
 * ``TransformersChat``: a local ``transformers`` model behind the same ``chat_many`` interface (offline).
 * ``LLMTeacher``: the EI teacher on top of any chat client: rationales, probes (the rule's prompt), the
   probe's rationale and answer, and the consistency check (Eq. 1).
@@ -13,14 +14,13 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from exgrpo.data.answers import extract_answer, is_correct
-from exgrpo.ei.rules import RULES, Probe, probe_answer_type
+from exgrpo.rules import RULES, Probe, probe_answer_type
+from exgrpo.tasks.arithmetic import SymbolicTeacher
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,7 @@ class ChatConfig:
     model: str = "teacher"
     api_key_env: str = "OPENAI_API_KEY"  # the variable holding the key (empty / unset: "EMPTY")
     max_concurrency: int = 8
-    max_retries: int = 5
-    backoff_s: float = 1.0  # first retry wait; doubles, with jitter, capped at backoff_max_s
-    backoff_max_s: float = 30.0
+    max_retries: int = 5  # the openai client's retries of 408/409/429/5xx/timeouts (its backoff, Retry-After honoured)
     timeout_s: float = 120.0
     temperature: float = 0.0
     max_tokens: int = 512
@@ -57,7 +55,7 @@ class ChatClient:
         self.cfg = cfg
         self._openai = openai
         self._client = openai.OpenAI(base_url=cfg.base_url, api_key=os.environ.get(cfg.api_key_env) or "EMPTY",
-                                     timeout=cfg.timeout_s, max_retries=0)
+                                     timeout=cfg.timeout_s, max_retries=cfg.max_retries)
         self.calls = 0
 
     def __repr__(self):  # never the key
@@ -65,25 +63,19 @@ class ChatClient:
 
     def chat(self, messages: list[dict], **kw) -> str:
         o = self._openai
-        retryable = (o.RateLimitError, o.InternalServerError, o.APITimeoutError, o.APIConnectionError)
-        for attempt in range(self.cfg.max_retries + 1):
-            try:
-                self.calls += 1
-                r = self._client.chat.completions.create(
-                    model=self.cfg.model, messages=messages, temperature=kw.get("temperature", self.cfg.temperature),
-                    max_tokens=kw.get("max_tokens", self.cfg.max_tokens), extra_body=kw.get("extra_body"))
-                return r.choices[0].message.content or ""
-            except retryable as e:
-                if attempt == self.cfg.max_retries:
-                    raise TeacherError(f"teacher at {self.cfg.base_url} failed after {attempt + 1} tries: "
-                                       f"{type(e).__name__}: {_status(e)}") from None
-                wait = min(self.cfg.backoff_max_s, self.cfg.backoff_s * 2 ** attempt) * (0.5 + random.random() / 2)
-                log.warning("teacher %s (%s), retry %d in %.1fs", type(e).__name__, _status(e), attempt + 1, wait)
-                time.sleep(wait)
-            except o.APIStatusError as e:  # other 4xx: the request itself is wrong; retrying will not help
-                raise TeacherError(f"teacher at {self.cfg.base_url} rejected the request for model "
-                                   f"{self.cfg.model!r}: HTTP {e.status_code}: {_status(e)}") from None
-        raise AssertionError("unreachable")
+        retried = (o.RateLimitError, o.InternalServerError, o.APITimeoutError, o.APIConnectionError)
+        self.calls += 1
+        try:
+            r = self._client.chat.completions.create(
+                model=self.cfg.model, messages=messages, temperature=kw.get("temperature", self.cfg.temperature),
+                max_tokens=kw.get("max_tokens", self.cfg.max_tokens), extra_body=kw.get("extra_body"))
+            return r.choices[0].message.content or ""
+        except retried as e:  # the client's retries are spent
+            raise TeacherError(f"teacher at {self.cfg.base_url} failed after {self.cfg.max_retries + 1} tries: "
+                               f"{type(e).__name__}: {_status(e)}") from None
+        except o.APIStatusError as e:  # other 4xx: the request itself is wrong; the client does not retry it
+            raise TeacherError(f"teacher at {self.cfg.base_url} rejected the request for model "
+                               f"{self.cfg.model!r}: HTTP {e.status_code}: {_status(e)}") from None
 
     def chat_many(self, conversations: list[list[dict]], **kw) -> list[str]:
         """Many chats, at most max_concurrency in flight, answers in order. The first failure is raised."""
@@ -172,7 +164,6 @@ class SymbolicBatchTeacher:
     """The arithmetic domain's exact teacher with the batch interface of LLMTeacher."""
 
     def __init__(self):
-        from exgrpo.tasks.arithmetic import SymbolicTeacher
         self.t = SymbolicTeacher()
 
     def rationales(self, examples):

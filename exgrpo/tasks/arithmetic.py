@@ -4,7 +4,7 @@ The embedded default of the main command and of the CPU tests: no model download
 
 * ``make_split(n, seed, kind)``: "train"/"test" (held-in: forward problems) or "reversal" (out of
   distribution: the starting amount is masked and the final amount given; GSM8K-Reversal in miniature).
-* ``SymbolicTeacher``: exact rationales and answers, and probes for all 10 rules of ``exgrpo.ei.rules``
+* ``SymbolicTeacher``: exact rationales and answers, and probes for all 10 rules of ``exgrpo.rules``
   (counterfactuals recompute the answer, inverse problems solve for a hidden operand, verification checks a
   candidate by substitution, ...). Every probe has a checkable answer (number, option letter, yes/no).
 
@@ -18,7 +18,7 @@ import zlib
 from dataclasses import dataclass, replace
 
 from exgrpo.data.loaders import Example
-from exgrpo.ei.rules import RULE_NAMES, Probe
+from exgrpo.rules import RULE_NAMES, Probe
 
 NAMES = ("Mia", "Leo", "Ana", "Sam", "Ivy", "Max", "Zoe", "Ben", "Eva", "Tom")
 ITEMS = ("pens", "apples", "cards", "books", "coins", "shells", "stamps", "eggs")
@@ -123,7 +123,7 @@ def make_split(n: int, seed: int, kind: str = "train", n_ops: int = 2) -> list[E
             q, a, r = p.reversal_question(), p.start, p.reversal_rationale()
         else:
             q, a, r = p.question(), p.answer, p.rationale()
-        out.append(Example(id=f"arith-{kind}-{seed}-{len(out)}", dataset=f"arithmetic_{'reversal' if kind == 'reversal' else 'forward'}",
+        out.append(Example(id=f"arith-{kind}-{seed}-{len(out)}", dataset=f"arithmetic_{'reversal' if kind == 'reversal' else 'forward'}",  # noqa: E501
                            split=kind, question=q, answer=str(a), answer_type="number", rationale=r,
                            meta={"problem": {"name": p.name, "item": p.item, "start": p.start, "ops": [list(o) for o in p.ops]}}))
     return out
@@ -209,7 +209,7 @@ class SymbolicTeacher:
             else:
                 events.append(f"Then {p.name} {p._event(o, m)}.")
         q = (f"{p.name} has {p.start} {p.item}. {' '.join(events)} Now {p.name} has {p.answer} {p.item}. "
-             f"{'How many did ' + p.name + ' get' if op == 'add' else 'How many did ' + p.name + ' give away' if op == 'sub' else 'By what number did ' + p.name + ' multiply'}?")
+             f"{'How many did ' + p.name + ' get' if op == 'add' else 'How many did ' + p.name + ' give away' if op == 'sub' else 'By what number did ' + p.name + ' multiply'}?")  # noqa: E501
         # forward to the step, backward from the end to it
         fwd = [f"{v[i]} {SYM[o]} {m} = {v[i + 1]}." for i, (o, m) in enumerate(p.ops[:j])]
         back = []
@@ -273,7 +273,7 @@ class SymbolicTeacher:
         cand = p.answer if right else p.answer + rng.choice((-3, -2, -1, 1, 2, 3))
         q = f"{p.question()} Is {cand} correct? Answer yes or no."
         a = "yes" if right else "no"
-        r = f"{p.rationale()[:-len(f' The answer is {p.answer}.')]} {p.answer} {'equals' if right else 'is not'} {cand}. The answer is {a}."
+        r = f"{p.rationale()[:-len(f' The answer is {p.answer}.')]} {p.answer} {'equals' if right else 'is not'} {cand}. The answer is {a}."  # noqa: E501
         return Probe("verification", q, r, a, "bool")
 
     def _cause_oriented(self, p, rng):

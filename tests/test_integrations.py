@@ -1,0 +1,266 @@
+"""Drop-ins for other GRPO trainers, against the peers themselves on the same inputs (CPU):
+
+- Liger-Kernel 0.8.5: ``FusedLinearGRPOLoss`` vs ``LigerFusedLinearGRPOLoss``: loss, grad-input, grad-weight,
+  grad-bias and metrics for every loss type x importance level both have, with and without KL, old log-probs,
+  vLLM IS ratios and delta; a perturbed config makes the comparison fail (the test can see a difference).
+- TRL 1.16: the fused LM head (log-probs, entropies, gradients) vs TRL's own ``add_fused_lm_head``, also with
+  Gemma-2 soft-capping; two GRPOTrainer steps of a tiny local model: the same parameters with TRL's head and ours.
+- verl 0.9.1: ``FusedLinearForPPO`` vs verl's own (its source read from the verl wheel, padded and packed inputs).
+- OpenRLHF: not installable here (flash-attn, a CUDA build); ``FusedActor`` against OpenRLHF's formulas written
+  out in torch (fp32 logits / temperature, log-probs of the rolled sequence, action-mask slice).
+Skipped only when the peer is absent; `make test` installs Liger, TRL and the verl wheel."""
+import glob
+import importlib.util
+import os
+import zipfile
+
+import pytest
+import torch
+
+from exgrpo_kernels.integrations import FusedLinearGRPOLoss
+from tests.numerics import rel_err
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _problem(B=4, T=9, H=16, V=83, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, H, generator=g)
+    w = torch.randn(V, H, generator=g) * 0.4
+    b = torch.randn(V, generator=g) * 0.3 if bias else None
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = (torch.rand(B, T, generator=g) > 0.25).float()
+    mask[2] = 0  # a sequence with no completion token
+    adv = torch.randn(B, generator=g)
+    with torch.no_grad():
+        lp = torch.log_softmax((x @ w.t() + (0 if b is None else b)) / 0.9, -1).gather(-1, ids[..., None])[..., 0]
+    old = lp + 0.25 * torch.randn(B, T, generator=g)
+    ref = lp + 0.2 * torch.randn(B, T, generator=g)
+    is_tok = torch.rand(B, T, generator=g) + 0.5
+    is_seq = torch.rand(B, 1, generator=g) + 0.5
+    return dict(x=x, w=w, b=b, ids=ids, mask=mask, adv=adv, old=old, ref=ref, is_tok=is_tok, is_seq=is_seq)
+
+
+def _run(module, p, **kw):
+    x = p["x"].clone().requires_grad_()
+    w = p["w"].clone().requires_grad_()
+    b = None if p["b"] is None else p["b"].clone().requires_grad_()
+    loss, metrics = module(x, w, p["ids"], p["mask"], p["adv"], bias=b, **kw)
+    (loss * 1.5).backward()
+    return [loss, x.grad, w.grad] + ([b.grad] if b is not None else []), metrics
+
+
+CASES = [(lt, lvl, beta) for lt in ("grpo", "bnpo", "dr_grpo", "dapo") for lvl in ("token", "sequence")
+         for beta in (0.0, 0.04)]
+
+
+@pytest.mark.parametrize("loss_type,level,beta", CASES)
+@pytest.mark.parametrize("extras", ["old", "old+is_token", "old+is_seq+delta", "none"])
+def test_liger_parity(loss_type, level, beta, extras):
+    liger = pytest.importorskip("liger_kernel.chunked_loss")
+    p = _problem(seed=CASES.index((loss_type, level, beta)))
+    ctor = dict(beta=beta, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, max_completion_length=12,
+                importance_sampling_level=level, temperature=0.9, use_ref_model=beta != 0,
+                delta=1.5 if "delta" in extras else None)
+    kw = {}
+    if beta:
+        kw["ref_per_token_logps"] = p["ref"]
+    if "old" in extras:
+        kw["old_per_token_logps"] = p["old"]
+    if "is_token" in extras:
+        kw["vllm_is_ratio"] = p["is_tok"]
+    if "is_seq" in extras:
+        kw["vllm_is_ratio"] = p["is_seq"]
+    theirs, tm = _run(liger.LigerFusedLinearGRPOLoss(compiled=False, chunk_size=2, **ctor), p, **kw)
+    ours, om = _run(FusedLinearGRPOLoss(**ctor), p, **kw)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert rel_err(a, b) < 2e-5, f"output {i}: {rel_err(a, b):.2e}"
+    assert len(om) == len(tm)
+    for a, b in zip(om, tm):
+        assert float(a) == pytest.approx(float(b), rel=1e-5, abs=1e-7)
+
+
+def test_liger_parity_sees_a_perturbed_config():
+    liger = pytest.importorskip("liger_kernel.chunked_loss")
+    p = _problem(seed=3)
+    kw = dict(old_per_token_logps=p["old"], ref_per_token_logps=p["ref"])
+    theirs, _ = _run(liger.LigerFusedLinearGRPOLoss(compiled=False, epsilon_high=0.28, temperature=0.9), p, **kw)
+    ours, _ = _run(FusedLinearGRPOLoss(epsilon_high=0.2, temperature=0.9), p, **kw)  # eps_high differs
+    assert max(rel_err(a, b) for a, b in zip(ours, theirs)) > 1e-3
+
+
+def test_liger_options_we_do_not_have_are_clear_errors():
+    with pytest.raises(ValueError, match="loss_type 'cispo' is not supported"):
+        FusedLinearGRPOLoss(loss_type="cispo")
+    with pytest.raises(ValueError, match="use_bias_correction_kl"):
+        FusedLinearGRPOLoss(use_bias_correction_kl=True)
+
+
+# ----------------------------------------------------------------------------------------------------- TRL
+
+
+def _tiny_causal_lm(arch="llama", seed=0):
+    import transformers
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=256, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    if arch == "gemma2":
+        cfg = transformers.Gemma2Config(**common, final_logit_softcapping=3.0, attn_logit_softcapping=None)
+    else:
+        cfg = transformers.LlamaConfig(**common)
+    m = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        m.get_output_embeddings().weight.mul_(20.0)
+    return m
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_trl_fused_head_parity(arch):
+    pytest.importorskip("trl")
+    from trl.trainer.utils import add_fused_lm_head as trl_head
+
+    from exgrpo_kernels.integrations.trl import add_fused_lm_head as our_head
+    ids = torch.randint(0, 97, (3, 14), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[1, 10:] = -100
+    out = {}
+    for name, patch in (("trl", trl_head), ("ours", our_head)):
+        m = _tiny_causal_lm(arch)
+        patch(m, temperature=0.7, outputs=("log_probs", "entropy"))
+        o = m(input_ids=ids, labels=labels, fused_lm_head=True)
+        (o.log_probs.sum() + 0.3 * o.entropy.sum()).backward()
+        out[name] = [o.log_probs, o.entropy, o.loss] + [p.grad for p in m.parameters()]
+    for i, (a, b) in enumerate(zip(out["ours"], out["trl"])):
+        assert rel_err(a, b) < 1e-5, f"output {i}: {rel_err(a, b):.2e}"
+
+
+def test_trl_grpo_trainer_two_steps_match(tmp_path):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from exgrpo.tokenizer import byte_tokenizer
+    from exgrpo_kernels.integrations.trl import GRPOTrainer
+
+    tok = byte_tokenizer("chatml")
+    data = datasets.Dataset.from_list([{"prompt": f"{a}+{b}="} for a in range(4) for b in range(2)])
+
+    def reward(completions, **kw):
+        return [float(len(c)) / 10.0 - c.count("1") for c in completions]
+
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                   bos_token_id=tok.bos_token_id)
+    init_dir = tmp_path / "init"  # TRL builds the reference model from the policy's path
+    transformers.LlamaForCausalLM(cfg).save_pretrained(init_dir)
+    tok.save_pretrained(init_dir)
+
+    def train(cls, out):
+        model = transformers.AutoModelForCausalLM.from_pretrained(init_dir)
+        init = {n: q.detach().clone() for n, q in model.named_parameters()}
+        args = trl.GRPOConfig(output_dir=str(out), per_device_train_batch_size=4, num_generations=4,
+                              max_completion_length=6, max_steps=2, learning_rate=5e-2, logging_steps=1, seed=0,
+                              report_to=[], save_strategy="no", use_cpu=True, beta=0.04, temperature=0.9,
+                              dataloader_num_workers=0, bf16=False)
+        trainer = cls(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok)
+        head_file = trainer.model.forward.__func__.__code__.co_filename
+        assert head_file.endswith(os.path.join("integrations", "trl.py")) == (cls is GRPOTrainer), head_file
+        trainer.train()
+        final = {n: q.detach().clone() for n, q in model.named_parameters()}
+        assert any(not torch.equal(init[n], final[n]) for n in init), "the two steps did not move the model"
+        return final, trainer.state.log_history
+
+    stock, log_stock = train(trl.GRPOTrainer, tmp_path / "stock")
+    ours, log_ours = train(GRPOTrainer, tmp_path / "ours")
+    for n in stock:
+        assert torch.allclose(stock[n], ours[n], rtol=1e-4, atol=1e-5), n
+    losses = [(a.get("loss"), b.get("loss")) for a, b in zip(log_stock, log_ours) if "loss" in a]
+    assert losses and all(a == pytest.approx(b, rel=1e-4, abs=1e-6) for a, b in losses)
+
+
+# ----------------------------------------------------------------------------------------------------- verl
+
+
+def _verl_reference():
+    """verl's FusedLinearForPPO, read from the verl wheel (verl's own dependencies cannot be installed beside
+    this project's: its package import pulls ray and pins another transformers)."""
+    wheels = sorted(glob.glob(os.path.join(os.environ.get("EXGRPO_PEERS", os.path.join(ROOT, ".venv", "peers")),
+                                           "verl-*.whl")))
+    if not wheels:
+        pytest.skip("verl wheel not present (make test downloads it to .venv/peers)")
+    with zipfile.ZipFile(wheels[-1]) as z:
+        src = z.read("verl/utils/experimental/torch_functional.py").decode()
+    spec = importlib.util.spec_from_loader("verl_torch_functional", loader=None)
+    mod = importlib.util.module_from_spec(spec)
+    exec(compile(src, "verl/utils/experimental/torch_functional.py", "exec"), mod.__dict__)
+    return mod.FusedLinearForPPO
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_verl_fused_forward_parity(layout):
+    Verl = _verl_reference()
+    from exgrpo_kernels.integrations.verl import FusedLinearForPPO
+    g = torch.Generator().manual_seed(5)
+    shape = (3, 11, 16) if layout == "padded" else (1, 29, 16)
+    h0 = torch.randn(*shape, generator=g)
+    w0 = torch.randn(61, 16, generator=g) * 0.5
+    ids = torch.randint(0, 61, shape[:2], generator=g)
+    up = torch.randn(*shape[:2], 2, generator=g)
+    out = {}
+    for name, mod in (("verl", Verl(chunk_size=7)), ("ours", FusedLinearForPPO())):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        lp, ent = mod(h, w, ids, 0.8)
+        ((lp * up[..., 0]).sum() + (ent * up[..., 1]).sum()).backward()
+        out[name] = (lp, ent, h.grad, w.grad)
+    for i, (a, b) in enumerate(zip(out["ours"], out["verl"])):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-5, f"output {i}"
+
+
+def test_verl_patched_model_forward():
+    from exgrpo_kernels.integrations.verl import patch_model
+    m = _tiny_causal_lm("gemma2")
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = m(input_ids=ids).logits.double() / 0.7
+        rolled = torch.roll(ids, -1, -1)
+        want = torch.log_softmax(logits, -1).gather(-1, rolled[..., None])[..., 0]
+    patch_model(m)
+    o = m(input_ids=ids, temperature=0.7)
+    assert torch.allclose(o.log_probs.double(), want, atol=1e-5) and o.entropy.shape == (2, 12)
+
+
+# ----------------------------------------------------------------------------------------------------- OpenRLHF
+
+
+def _openrlhf_reference(model, sequences, action_mask, attention_mask, temperature):
+    """OpenRLHF 0.11.2 Actor.forward, unpacked path, written out: fp32 logits / temperature, log-probs of the
+    rolled sequence, the last position dropped, the action slice times the action mask."""
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    position_ids.masked_fill_(attention_mask == 0, 1)
+    logits = model(sequences, attention_mask=attention_mask, position_ids=position_ids)["logits"].float() / temperature
+    lp = torch.log_softmax(logits, -1).gather(-1, torch.roll(sequences, -1, 1)[..., None])[..., 0][:, :-1]
+    return lp[:, -action_mask.shape[1]:] * action_mask.float()
+
+
+def test_openrlhf_fused_actor_against_its_formulas():
+    from exgrpo_kernels.integrations.openrlhf import FusedActor
+    g = torch.Generator().manual_seed(8)
+    seqs = torch.randint(0, 97, (3, 15), generator=g)
+    att = torch.ones_like(seqs)
+    att[0, :3] = 0  # left padding
+    amask = (torch.rand(3, 6, generator=g) > 0.2)
+    out = {}
+    for name in ("openrlhf", "ours"):
+        m = _tiny_causal_lm("llama")
+        if name == "ours":
+            lp = FusedActor(m, temperature=0.8)(seqs, action_mask=amask, attention_mask=att)
+        else:
+            lp = _openrlhf_reference(m, seqs, amask, att, 0.8)
+        lp.sum().backward()
+        out[name] = [lp] + [p.grad for p in m.parameters()]
+    for i, (a, b) in enumerate(zip(out["ours"], out["openrlhf"])):
+        assert rel_err(a, b) < 1e-5, f"output {i}"
+    with pytest.raises(NotImplementedError, match="ring-attention packing"):
+        FusedActor(_tiny_causal_lm())(seqs, action_mask=amask, attention_mask=att, packed_seq_lens=[15])
