@@ -158,3 +158,19 @@ def last_assistant_text(dtok: DialogueTokenizer, d: TokenizedDialogue) -> str:
     last = max(i for i, r in enumerate(d.roles) if r == "assistant")
     ids = [t for t, g, m in zip(d.input_ids, d.generated, d.message_index) if g and m == last]
     return dtok.tok.decode(ids, skip_special_tokens=True)
+
+
+def assistant_texts(dtok: DialogueTokenizer, d: TokenizedDialogue) -> list[str]:
+    """The text of every generated assistant turn, in order."""
+    turns = [i for i, r in enumerate(d.roles) if r == "assistant"]
+    return [dtok.tok.decode([t for t, g, m in zip(d.input_ids, d.generated, d.message_index) if g and m == k],
+                            skip_special_tokens=True) for k in turns]
+
+
+def assistant_turn_ids(d: TokenizedDialogue) -> list[int]:
+    """[T]: for each token, the index of the assistant turn it belongs to (0, 1, ...), -1 outside assistant turns."""
+    order = {}
+    for i, r in enumerate(d.roles):
+        if r == "assistant":
+            order[i] = len(order)
+    return [order.get(m, -1) for m in d.message_index]

@@ -36,7 +36,8 @@ class ModelConfig:
     num_layers: int = 4
     head_dim: int = 64  # 64 so vLLM's CPU attention takes it
     max_position_embeddings: int = 4096
-    tokenizer_style: str = "chatml"
+    tokenizer: str = "byte"  # a built student's tokenizer: byte (one token per byte) | arithmetic (BPE of the built-in domain)
+    tokenizer_style: str = "chatml"  # chat template: chatml | llama3
     dtype: str = "float32"  # parameter dtype: float32 (master weights; bf16 autocast on CUDA) | bfloat16
     lora_rank: int = 0  # > 0: train LoRA adapters (peft) instead of all weights
     lora_alpha: int = 64
@@ -48,6 +49,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.preset must be one of {sorted(PRESETS)} or None, got {self.preset!r}")
         if self.hidden_size % self.head_dim:
             raise ValueError(f"ModelConfig.hidden_size {self.hidden_size} is not a multiple of head_dim {self.head_dim}")
+        if self.tokenizer not in ("byte", "arithmetic"):
+            raise ValueError(f"ModelConfig.tokenizer must be 'byte' or 'arithmetic', got {self.tokenizer!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"ModelConfig.dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.lora_rank < 0:
@@ -75,14 +78,14 @@ def hf_config(cfg: ModelConfig, tok):
 
 def build_student(cfg: ModelConfig, seed: int = 0, device="cpu"):
     """(model, tokenizer). The model uses packed (varlen) attention for training; generation switches to sdpa."""
-    from exgrpo.tokenizer import byte_tokenizer
+    from exgrpo.tokenizer import arithmetic_tokenizer, byte_tokenizer
     if cfg.liger:
         _apply_liger(cfg)
     if cfg.path:
         tok = transformers.AutoTokenizer.from_pretrained(cfg.path)
         model = transformers.AutoModelForCausalLM.from_pretrained(cfg.path, dtype=getattr(torch, cfg.dtype))
     else:
-        tok = byte_tokenizer(cfg.tokenizer_style)
+        tok = byte_tokenizer(cfg.tokenizer_style) if cfg.tokenizer == "byte" else arithmetic_tokenizer(cfg.tokenizer_style)
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(hf_config(cfg, tok)).to(getattr(torch, cfg.dtype))
     if model.generation_config is not None:

@@ -197,6 +197,9 @@ class GRPOInputs:
     ref_logp:   S tensors [T_i] fp32 of the reference policy (beta > 0), or None
     num_global_tokens, num_global_seqs: loss tokens and sequences of the global batch (all ranks); set by
                 grpo_update (None: this rank's)
+    turn_ids:   S tensors [T_i] int64, the assistant turn of each token (-1 outside), or None
+    turn_advantages: S tensors [n_turns_i] fp32, one advantage per assistant turn (per-turn credit), or None: then
+                every token of sequence i has advantages[i]
     """
 
     seqs: list
@@ -206,6 +209,25 @@ class GRPOInputs:
     ref_logp: list | None = None
     num_global_tokens: float | None = None
     num_global_seqs: float | None = None
+    turn_ids: list | None = None
+    turn_advantages: list | None = None
+
+    def segments(self, idx: list[int], device) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(segment id of each packed position [N] or None, advantages per segment): with per-turn advantages each
+        assistant turn is its own segment (a position is credited with the turn of the token it predicts);
+        otherwise the sequences themselves (None: the packed batch's seq_ids)."""
+        if self.turn_advantages is None:
+            return None, self.advantages[idx].to(device)
+        segs, advs, base = [], [], 0
+        for i in idx:
+            tid = self.turn_ids[i]
+            target_turn = torch.cat([tid[1:], tid.new_full((1,), -1)]).clamp(min=0)
+            n = max(1, len(self.turn_advantages[i]))
+            segs.append(target_turn.clamp(max=n - 1) + base)
+            a = self.turn_advantages[i]
+            advs.append(a if len(a) else a.new_zeros(1))
+            base += n
+        return torch.cat(segs).to(device), torch.cat(advs).float().to(device)
 
 
 def _global_scale(cfg: GRPOLossConfig, b: PackedBatch, x: GRPOInputs, num_global_tokens: float) -> float:
@@ -233,12 +255,13 @@ def grpo_loss(ctx: StepContext, x: GRPOInputs, idx: list[int], cfg: GRPOLossConf
     scale = _global_scale(cfg, b, x, num_global_tokens) * ctx.world
     pick = lambda vals: None if vals is None else per_token_packed([vals[i] for i in idx], ctx.device)  # noqa: E731
     gen, old, ref = pick(x.gen_logp), pick(x.old_logp), pick(x.ref_logp)
-    adv = x.advantages[idx].to(ctx.device)
+    seg, adv = x.segments(idx, ctx.device)
     cfg = cfg if cfg.backend != "auto" else cfg.replace(backend=ctx.kernel_backend)
     gen_arg = gen if cfg.gen_correction != "off" else None
 
     def head(h, lm, b):
-        loss, m = fused_linear_grpo_loss(h, lm.weight, b.targets, b.seq_ids, adv, b.loss_mask, cfg, old_logp=old,
+        loss, m = fused_linear_grpo_loss(h, lm.weight, b.targets, b.seq_ids if seg is None else seg, adv, b.loss_mask,
+                                         cfg, old_logp=old,
                                          ref_logp=ref if cfg.beta != 0 else None, gen_logp=gen_arg,
                                          num_global_tokens=num_global_tokens, **lm.kwargs())
         if gen_arg is None:  # mismatch between generator and trainer log-probs, logged every step

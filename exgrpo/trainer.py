@@ -24,7 +24,8 @@ from exgrpo.config import save_config
 from exgrpo.data.answers import is_correct
 from exgrpo.dialogue import DialogueTokenizer
 from exgrpo.dsu import dsu_rewards
-from exgrpo.generation import GenerationBackend, SamplingConfig, TransformersBackend, last_assistant_text, multi_turn_rollouts
+from exgrpo.generation import (GenerationBackend, SamplingConfig, TransformersBackend, assistant_texts, assistant_turn_ids,
+                               last_assistant_text, multi_turn_rollouts)
 from exgrpo.io import AppendLog
 from exgrpo.model import ModelConfig, PolicyHidden, build_student
 from exgrpo.steps import (PRECISIONS, GRPOInputs, StepContext, autocast_dtype, grpo_update, policy_logprobs,
@@ -67,9 +68,10 @@ class SFTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     out_dir: str = "runs/sft"  # run folder: config.yaml, metrics.jsonl, tb/, checkpoints/, final/
+    format: str = "pairs"  # pairs: every (probe -> rationale) and (question -> rationale) alone (paper Eq. 3) | dialogue
     epochs: int = 3  # paper ablation: 3
     max_steps: int | None = None  # stop after this many steps (default: epochs over the data)
-    batch_dialogues: int = 16  # global batch, in dialogues
+    batch_dialogues: int = 16  # global batch, in training examples (pairs, or dialogues with format=dialogue)
     micro_batch_tokens: int = 8192  # packed tokens per forward/backward
     turns: str = "all"  # loss on all assistant turns, or "last"
     save_every: int = 0  # steps between checkpoints; 0: at the end only
@@ -82,6 +84,8 @@ class SFTConfig:
     def __post_init__(self):
         if self.turns not in ("all", "last"):
             raise ValueError(f"SFTConfig.turns must be 'all' or 'last', got {self.turns!r}")
+        if self.format not in ("pairs", "dialogue"):
+            raise ValueError(f"SFTConfig.format must be 'pairs' or 'dialogue', got {self.format!r}")
         if self.epochs < 1 or self.batch_dialogues < 1:
             raise ValueError(f"SFTConfig.epochs and batch_dialogues must be >= 1, got {self.epochs}, {self.batch_dialogues}")
         _check_common("SFTConfig", self)
@@ -101,10 +105,14 @@ class TrainConfig:
     questions_per_step: int = 8  # global
     G: int = 8  # trajectories per scenario
     k: int = 5  # probes in Scenario A
-    k_partial: int = 2  # probes in Scenario B (k')
+    k_partial: int = 2  # probes in Scenario B (k'); 0: the question asked directly (the evaluated condition)
+    k_partial_mode: str = "fixed"  # fixed: k' = k_partial | random: k' drawn in [0, k) per question ("random truncation")
+    mode: str = "dialogue"  # dialogue: Scenarios A/B | independent: each probe and the question its own prompt and group
     delta: float = 0.5  # DSU bonus
     nu: float = 1.0  # the bonus fires when P_full > nu * P_partial
-    dsu: bool = True  # False: ExGRPO without the bonus
+    dsu: bool = True  # False: the same dialogues with the bonus off (delta = 0)
+    probe_rewards: bool = False  # reward each student turn the domain can check, with per-turn advantages
+    perm_samples: int = 16  # label permutations per question for the bonus's chance firing rate (bonus_rate_perm)
     advantage_groups: str = "question"  # normalise over all 2G rollouts of a question, or per "scenario" (G each;
     #                                     that cancels the bonus: adding delta to every correct rollout of a group
     #                                     is an affine change that (r - mean) / std removes)
@@ -141,6 +149,14 @@ class TrainConfig:
         if self.updates_per_batch < 1 or self.questions_per_step < 1 or self.steps < 0:
             raise ValueError(f"TrainConfig.updates_per_batch and questions_per_step must be >= 1 and steps >= 0, got "
                              f"{self.updates_per_batch}, {self.questions_per_step}, {self.steps}")
+        if self.k_partial_mode not in ("fixed", "random"):
+            raise ValueError(f"TrainConfig.k_partial_mode must be 'fixed' or 'random', got {self.k_partial_mode!r}")
+        if self.mode not in ("dialogue", "independent"):
+            raise ValueError(f"TrainConfig.mode must be 'dialogue' or 'independent', got {self.mode!r}")
+        if self.probe_rewards and (self.loss.loss_type == "grpo" or self.loss.importance_sampling != "token"):
+            raise ValueError("TrainConfig.probe_rewards gives each turn its own advantage: it needs a token-level loss "
+                             f"(loss.loss_type dapo, bnpo or dr_grpo, loss.importance_sampling token), got "
+                             f"{self.loss.loss_type!r} / {self.loss.importance_sampling!r}")
         if self.sampling.temperature != self.loss.temperature:
             raise ValueError(f"TrainConfig.sampling.temperature ({self.sampling.temperature}) and loss.temperature "
                              f"({self.loss.temperature}) must agree: the trainer's log-probs must be those of the "
@@ -305,7 +321,7 @@ def sft(cfg: SFTConfig, resume: bool = False) -> dict:
     records = read_jsonl(cfg.data)
     model, tok = load_policy(cfg.model, None, cfg.seed, device)
     dtok = DialogueTokenizer(tok)
-    data = [dtok.encode(r["messages"]).tensors(cfg.turns) for r in records]
+    data = [dtok.encode(m).tensors(cfg.turns) for m in sft_examples(records, cfg.format)]
     steps_per_epoch = math.ceil(len(data) / cfg.batch_dialogues)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     policy = PolicyHidden(model).train()
@@ -337,6 +353,20 @@ def sft(cfg: SFTConfig, resume: bool = False) -> dict:
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
         _maybe_checkpoint(cfg, step, model, tok, state, opt, sched)
     return _finish(cfg, log, model, tok, total)
+
+
+def sft_examples(records, fmt: str) -> list[list[dict]]:
+    """The SFT training conversations of D_EI records. "pairs" (paper Eq. 3): each probe with the teacher's
+    rationale, alone, and the original question with the teacher's rationale (the condition evaluated);
+    "dialogue": each record's multi-turn dialogue (probes then the question, every answer in context)."""
+    if fmt == "dialogue":
+        return [r["messages"] for r in records]
+    out = []
+    for r in records:
+        for p in r["probes"]:
+            out.append([{"role": "user", "content": p["question"]}, {"role": "assistant", "content": p["rationale"]}])
+        out.append([{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["rationale"]}])
+    return out
 
 
 def _maybe_checkpoint(cfg, step, model, tok, state, opt, sched):
@@ -403,9 +433,12 @@ class RolloutBatch:
     mask: list
     gen_logp: list
     advantages: torch.Tensor
+    turn_ids: list | None = None  # S tensors [T_i] int64: assistant turn of each token (-1 outside), with turn_advantages
+    turn_advantages: list | None = None  # S tensors [n_turns_i] fp32: per-turn credit (probe_rewards)
 
     def inputs(self) -> GRPOInputs:
-        return GRPOInputs(seqs=list(zip(self.ids, self.mask)), advantages=self.advantages, gen_logp=self.gen_logp)
+        return GRPOInputs(seqs=list(zip(self.ids, self.mask)), advantages=self.advantages, gen_logp=self.gen_logp,
+                          turn_ids=self.turn_ids, turn_advantages=self.turn_advantages)
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
@@ -437,21 +470,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         rng = random.Random(f"{cfg.seed}-{step}")
         picked = rng.sample(range(len(questions)), min(cfg.questions_per_step, len(questions)))[rank::world]
         plan = [_scenarios(questions[i], cfg, random.Random(f"{cfg.seed}-{step}-{i}")) for i in picked]
-        # ---- 2. rollouts: G trajectories of Scenario A and of Scenario B per question, turn by turn
-        turns = [t for p in plan for t in [p["A"]] * cfg.G + [p["B"]] * cfg.G]
-        dialogues = multi_turn_rollouts(backend, dtok, turns, cfg.sampling, seed=(cfg.seed * 1_000_003 + step) * 64 + rank)
+        # ---- 2. rollouts: the student answers every user turn (dialogue: G x Scenario A + G x Scenario B per question;
+        #         independent: G x each probe and G x the question, each on its own)
+        prompts = _prompts(plan, cfg)
+        dialogues = multi_turn_rollouts(backend, dtok, [p.turns for p in prompts], cfg.sampling,
+                                        seed=(cfg.seed * 1_000_003 + step) * 64 + rank)
         t_gen = time.time()
-        # ---- 3. rewards: outcome of the final answer, DSU bonus, group advantages (group: the question's 2G rollouts)
-        rewards, groups, stats = [], [], []
-        for qi, p in enumerate(plan):
-            ds = dialogues[qi * 2 * cfg.G:(qi + 1) * 2 * cfg.G]
-            base = [float(is_correct(last_assistant_text(dtok, d), p["answer"], p["answer_type"])) for d in ds]
-            r = dsu_rewards(base[:cfg.G], base[cfg.G:], delta=cfg.delta, nu=cfg.nu, enabled=cfg.dsu)
-            rewards += r.total_a + r.total_b
-            groups += [2 * qi] * cfg.G + [2 * qi + (cfg.advantage_groups == "scenario")] * cfg.G
-            stats.append((r, base))
-        adv = grouped_advantages(torch.tensor(rewards), torch.tensor(groups)) if rewards else torch.zeros(0)
-        batch = _rollout_batch(dialogues, adv, cfg.policy_turns)
+        # ---- 3. rewards (outcome; DSU bonus; per-turn with probe_rewards) and group advantages
+        scored = score_rollouts(cfg, prompts, dialogues, dtok, random.Random(f"perm-{cfg.seed}-{step}-{rank}"))
+        batch = _rollout_batch(dialogues, scored, cfg.policy_turns)
         aux = [dtok.encode(p["aux_messages"]).tensors("all") for p in plan] if cfg.aux_weight > 0 else []
         t_score = time.time()
         backend.sleep()  # vLLM on CUDA frees its memory while we train
@@ -467,18 +494,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         # ---- 5. metrics, samples and checkpoints
         n_tok = distributed.all_sum(sum(int(m.sum()) for m in batch.mask))
         resp = [sum(d.generated) / max(1, sum(r == "assistant" for r in d.roles)) for d in dialogues]
-        rec = {"step": step, **upd.record(),
-               "reward": _gmean([x for r, _ in stats for x in r.total_a + r.total_b]),
-               "reward_base_A": _gmean([x for _, b in stats for x in b[:cfg.G]]),
-               "reward_base_B": _gmean([x for _, b in stats for x in b[cfg.G:]]),
-               "bonus_rate": _gmean([float(r.bonus > 0) for r, _ in stats]),
-               "p_full": _gmean([r.p_full for r, _ in stats]), "p_partial": _gmean([r.p_partial for r, _ in stats]),
-               "adv_abs_mean": _gmean(adv.abs().tolist()), "response_tokens": _gmean(resp),
+        rec = {"step": step, **upd.record(), **{k: _gmean(v) for k, v in sorted(scored.metrics.items())},
+               "adv_abs_mean": _gmean(batch.advantages.abs().tolist()), "response_tokens": _gmean(resp),
                "tokens_per_s": n_tok / (t_end - t0), "time_gen_s": t_gen - t0, "time_score_s": t_score - t_gen,
                "time_train_s": t_end - t_score, "lr": sched.get_last_lr()[0], "peak_mem_gib": peak_memory_gib(device)}
         log.write(rec)
-        log.write_samples(step, _samples(cfg, plan, dialogues, rewards, dtok))
-        bar.set_postfix(reward=f"{rec['reward_base_A']:.2f}")
+        log.write_samples(step, _samples(cfg, prompts, dialogues, scored.rewards, dtok))
+        bar.set_postfix(reward=f"{rec['reward_question']:.2f}")
         _maybe_checkpoint(cfg, step, model, tok, state, opt, sched)
     backend.close()
     return _finish(cfg, log, model, tok, cfg.steps)
@@ -489,38 +511,148 @@ def _gmean(xs):
 
 
 def _scenarios(q: dict, cfg: TrainConfig, rng: random.Random) -> dict:
-    """Scenario A: k probes then the question; Scenario B: the first k' of them then the question."""
+    """k probes of the question (shuffled); Scenario A poses all k, then the question; Scenario B the first k'."""
     probes = list(q["probes"])
     rng.shuffle(probes)
     k = min(cfg.k, len(probes))
-    kp = min(cfg.k_partial, k - 1)
-    a = [p["question"] for p in probes[:k]] + [q["question"]]
-    b = [p["question"] for p in probes[:kp]] + [q["question"]]
+    kp = rng.randrange(0, k) if cfg.k_partial_mode == "random" else min(cfg.k_partial, k - 1)
     aux = []
     for p in probes[:k]:
         aux += [{"role": "user", "content": p["question"]}, {"role": "assistant", "content": p["rationale"]}]
-    return {"A": a, "B": b, "answer": q["answer"], "answer_type": q["answer_type"], "aux_messages": aux}
+    return {"question": q["question"], "answer": q["answer"], "answer_type": q["answer_type"], "probes": probes[:k],
+            "k_partial": kp, "aux_messages": aux}
 
 
-def _rollout_batch(dialogues, adv, policy_turns) -> RolloutBatch:
-    ids, mask, glp = [], [], []
+@dataclass
+class Prompt:
+    """One trajectory to roll out: its user turns, and what each assistant turn's answer should be."""
+
+    question: int  # index of its question in the step's plan
+    scenario: str  # "A" | "B" (dialogue mode) | "probe" | "question" (independent mode)
+    turns: list  # user messages, in order
+    answers: list  # [(answer, answer_type)] per assistant turn; the last is the question's
+    probe_ids: list  # per assistant turn: the index of its probe in the question's list, or -1 for the question
+
+
+def _prompts(plan: list[dict], cfg: TrainConfig) -> list[Prompt]:
+    out = []
+    for qi, p in enumerate(plan):
+        q = (p["answer"], p["answer_type"])
+        if cfg.mode == "independent":
+            for j, pr in enumerate(p["probes"]):
+                out += [Prompt(qi, "probe", [pr["question"]], [(pr["answer"], pr["answer_type"])], [j])] * cfg.G
+            out += [Prompt(qi, "question", [p["question"]], [q], [-1])] * cfg.G
+            continue
+        for scen, n in (("A", len(p["probes"])), ("B", p["k_partial"])):
+            probes = p["probes"][:n]
+            out += [Prompt(qi, scen, [x["question"] for x in probes] + [p["question"]],
+                           [(x["answer"], x["answer_type"]) for x in probes] + [q], list(range(n)) + [-1])] * cfg.G
+    return out
+
+
+@dataclass
+class Scored:
+    """Rewards and advantages of one step's rollouts (this rank).
+
+    rewards:        [S] total reward of each trajectory (its final answer, + the bonus)
+    advantages:     [S] sequence advantages (used when turn_advantages is None)
+    turn_advantages: S lists, one advantage per assistant turn (probe_rewards), or None
+    metrics:        name -> list of values, averaged over ranks for the log
+    """
+
+    rewards: list
+    advantages: torch.Tensor
+    turn_advantages: list | None
+    metrics: dict
+
+
+def score_rollouts(cfg: TrainConfig, prompts: list[Prompt], dialogues, dtok, rng: random.Random) -> Scored:
+    """Outcome rewards of the final answers (and of each checkable turn with probe_rewards), the DSU bonus in
+    dialogue mode, and group advantages. Groups: dialogue mode, a question's 2G rollouts (both scenarios: the bonus
+    must survive normalisation) or per scenario (advantage_groups); per-turn credit, each probe's answers across
+    the trajectories that asked it, and the final answers; independent mode, each prompt's G samples."""
+    texts = [assistant_texts(dtok, d) for d in dialogues]
+    correct = [[float(is_correct(t, a, at)) for t, (a, at) in zip(ts, p.answers)] for ts, p in zip(texts, prompts)]
+    final = [c[-1] for c in correct]
+    metrics: dict = {"reward_question": [], "reward_probes": [x for c in correct for x in c[:-1]]}
+    total = list(final)
+    seq_group = [0] * len(prompts)
+    n_q = max((p.question for p in prompts), default=-1) + 1
+    by_q = [[i for i, p in enumerate(prompts) if p.question == q] for q in range(n_q)]
+    for qi, idx in enumerate(by_q):
+        if cfg.mode == "independent":
+            for i in idx:
+                seq_group[i] = 2 * (qi * 64 + (prompts[i].probe_ids[0] + 1))
+            metrics["reward_question"] += [final[i] for i in idx if prompts[i].scenario == "question"]
+            metrics["reward_probes"] += [final[i] for i in idx if prompts[i].scenario == "probe"]
+            continue
+        ia = [i for i in idx if prompts[i].scenario == "A"]
+        ib = [i for i in idx if prompts[i].scenario == "B"]
+        base_a, base_b = [final[i] for i in ia], [final[i] for i in ib]
+        r = dsu_rewards(base_a, base_b, delta=cfg.delta, nu=cfg.nu, enabled=cfg.dsu)
+        for i, v in zip(ia + ib, r.total_a + r.total_b):
+            total[i] = v
+            seq_group[i] = 2 * qi + (cfg.advantage_groups == "scenario" and prompts[i].scenario == "B")
+        metrics["reward_question"] += base_a + base_b
+        metrics.setdefault("reward_base_A", []).extend(base_a)
+        metrics.setdefault("reward_base_B", []).extend(base_b)
+        metrics.setdefault("bonus_rate", []).append(float(r.p_full > cfg.nu * r.p_partial))  # the gate (dsu on or off)
+        metrics.setdefault("bonus_rate_perm", []).append(_perm_firing(base_a + base_b, len(base_a), cfg, rng))
+        metrics.setdefault("p_full", []).append(r.p_full)
+        metrics.setdefault("p_partial", []).append(r.p_partial)
+    metrics["reward"] = list(total)
+    adv = grouped_advantages(torch.tensor(total), torch.tensor(seq_group)) if total else torch.zeros(0)
+    turn_adv = None
+    if cfg.probe_rewards:
+        vals, groups, where = [], [], []
+        for i, p in enumerate(prompts):
+            for j, pid in enumerate(p.probe_ids):
+                last = j == len(p.probe_ids) - 1
+                vals.append(total[i] if last else correct[i][j])
+                groups.append(seq_group[i] * 1000 + (999 if last else pid))
+                where.append((i, j))
+        ta = grouped_advantages(torch.tensor(vals), torch.tensor(groups)).tolist() if vals else []
+        turn_adv = [[0.0] * len(p.probe_ids) for p in prompts]
+        for (i, j), v in zip(where, ta):
+            turn_adv[i][j] = v
+    return Scored(total, adv, turn_adv, metrics)
+
+
+def _perm_firing(base: list, n_a: int, cfg: TrainConfig, rng: random.Random) -> float:
+    """How often the bonus would fire with the scenario labels shuffled among the question's 2G rollouts: its
+    chance rate when the scenarios do not differ (the baseline for bonus_rate)."""
+    fired = 0
+    for _ in range(cfg.perm_samples):
+        x = list(base)
+        rng.shuffle(x)
+        a, b = x[:n_a], x[n_a:]
+        fired += (sum(a) / len(a)) > cfg.nu * (sum(b) / len(b))
+    return fired / max(1, cfg.perm_samples)
+
+
+def _rollout_batch(dialogues, scored: Scored, policy_turns) -> RolloutBatch:
+    ids, mask, glp, turns = [], [], [], []
     for d in dialogues:
         ids.append(torch.tensor(d.input_ids, dtype=torch.int64))
         mask.append(torch.tensor(d.token_mask("all" if policy_turns == "all" else "last"), dtype=torch.bool))
         glp.append(torch.tensor(d.logprobs, dtype=torch.float32))
-    return RolloutBatch(ids, mask, glp, adv.float())
+        turns.append(torch.tensor(assistant_turn_ids(d), dtype=torch.int64))
+    ta = None if scored.turn_advantages is None else [torch.tensor(t, dtype=torch.float32) for t in scored.turn_advantages]
+    return RolloutBatch(ids, mask, glp, scored.advantages.float(), turn_ids=turns if ta is not None else None,
+                        turn_advantages=ta)
 
 
-def _samples(cfg: TrainConfig, plan, dialogues, rewards, dtok) -> list[dict]:
-    """The first ``log_samples`` rollouts of each scenario of the first question of this rank."""
-    if not cfg.log_samples or not plan:
+def _samples(cfg: TrainConfig, prompts, dialogues, rewards, dtok) -> list[dict]:
+    """The first ``log_samples`` rollouts of each scenario (or prompt kind) of the first question of this rank."""
+    if not cfg.log_samples or not prompts:
         return []
-    out = []
-    for scen, off in (("A", 0), ("B", cfg.G)):
-        for j in range(min(cfg.log_samples, cfg.G)):
-            d = dialogues[off + j]
-            out.append({"scenario": scen, "reward": rewards[off + j], "answer": plan[0]["answer"],
-                        "text": dtok.tok.decode(d.input_ids)[:4000]})
+    out, seen = [], {}
+    for p, d, r in zip(prompts, dialogues, rewards):
+        if p.question != 0 or seen.get(p.scenario, 0) >= cfg.log_samples:
+            continue
+        seen[p.scenario] = seen.get(p.scenario, 0) + 1
+        out.append({"scenario": p.scenario, "reward": r, "answer": p.answers[-1][0],
+                    "text": dtok.tok.decode(d.input_ids)[:4000]})
     return out
 
 

@@ -231,7 +231,10 @@ def test_quick_demo_runs(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| exgrpo |" in r.stdout and os.path.exists(tmp_path / "curves.png")
     res = json.load(open(tmp_path / "results.json"))
-    assert set(res["0"]) >= {"untrained", "sft", "exgrpo_no_bonus", "exgrpo"}
+    assert set(res["results"]["0"]) == {"sft", "sft_more", "rl", "rl_aux", "exgrpo", "exgrpo_probe_rewards", "independent"}
+    assert set(res["summary"]["arms"]["exgrpo"]) >= {"arithmetic_forward", "probes_2", "bonus_rate", "bonus_rate_perm"}
+    rep = res["results"]["0"]["sft"]["ei_report"]
+    assert rep["kept"] + sum(rep["dropped"].values()) == rep["examples"]
 
 
 def test_lora_sft_trains_adapters_only_and_saves_a_merged_model(data, tmp_path):

@@ -36,6 +36,7 @@ class EIConfig:
     split: str = "train"
     limit: int | None = 200  # examples per data set
     teacher: str = "symbolic"  # symbolic (arithmetic only) | openai | transformers
+    teacher_noise: float = 0.0  # symbolic teacher: probability that a probe's rationale ends in a wrong answer
     teacher_chat: ChatConfig = field(default_factory=ChatConfig)
     teacher_model_path: str | None = None  # for teacher=transformers
     student_model_path: str | None = None  # difficulty filter (Eq. 2); None: filter off
@@ -189,7 +190,7 @@ def _assemble(cfg, examples, rationale, probes, stud, filtered):
 
 def build_teacher(cfg: EIConfig):
     if cfg.teacher == "symbolic":
-        return SymbolicBatchTeacher()
+        return SymbolicBatchTeacher(noise=cfg.teacher_noise)
     if cfg.teacher == "openai":
         return LLMTeacher(ChatClient(cfg.teacher_chat))
     if not cfg.teacher_model_path:

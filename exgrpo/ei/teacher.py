@@ -12,8 +12,10 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import random
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -161,16 +163,44 @@ class LLMTeacher:
 
 
 class SymbolicBatchTeacher:
-    """The arithmetic domain's exact teacher with the batch interface of LLMTeacher."""
+    """The arithmetic domain's exact teacher with the batch interface of LLMTeacher.
 
-    def __init__(self):
-        self.t = SymbolicTeacher()
+    noise: the probability that a probe's rationale ends in a wrong answer, as an LLM teacher's sometimes does
+    (keyed by the example and rule: the same probes on every run); the consistency filter has to catch these.
+    """
+
+    def __init__(self, noise: float = 0.0):
+        if not 0 <= noise <= 1:
+            raise ValueError(f"teacher noise must be in [0, 1], got {noise}")
+        self.t, self.noise = SymbolicTeacher(), noise
 
     def rationales(self, examples):
         return [self.t.rationale(e) for e in examples]
 
     def probes(self, items):
-        return [self.t.probe(e, r) for e, _, r in items]
+        out = []
+        for e, _, rule in items:
+            p = self.t.probe(e, rule)
+            if self.noise and random.Random(f"noise-{e.id}-{rule}").random() < self.noise:
+                p = _wrong_ending(p)
+            out.append(p)
+        return out
 
     def consistent(self, items):
         return [self.t.consistent(e, p) for e, p in items]
+
+
+def _wrong_ending(p: Probe) -> Probe:
+    """The probe with its rationale's final answer replaced by a wrong one (the probe's own answer unchanged)."""
+    a = p.answer
+    if a.lstrip("-").isdigit():
+        wrong = str(int(a) + 1)
+    elif a in ("yes", "no"):
+        wrong = "no" if a == "yes" else "yes"
+    elif len(a) == 1 and a.isalpha():
+        wrong = "B" if a != "B" else "A"
+    else:
+        wrong = a + "0"
+    ending = f"The answer is {a}."
+    r = p.rationale[:-len(ending)] if p.rationale.rstrip().endswith(ending) else p.rationale + " "
+    return dataclasses.replace(p, rationale=r.rstrip() + f" The answer is {wrong}.")

@@ -64,6 +64,13 @@ class ArithProblem:
         steps = [f"{v[i]} {SYM[op]} {n} = {v[i + 1]}." for i, (op, n) in enumerate(self.ops)]
         return " ".join(steps) + f" The answer is {self.answer}."
 
+    def paraphrase_question(self) -> str:
+        """The same problem in sentence frames the training data never uses (an out-of-distribution phrasing whose
+        arithmetic is the familiar one)."""
+        events = " ".join(f"After that, {self.name} {self._event(op, n)}." for op, n in self.ops)
+        return (f"At first, {self.name} owns {self.start} {self.item}. {events} "
+                f"What is the number of {self.item} that {self.name} holds in the end?")
+
     def reversal_question(self) -> str:
         events = " ".join(f"Then {self.name} {self._event(op, n)}." for op, n in self.ops)
         return (f"{self.name} has some {self.item}. {events} Now {self.name} has {self.answer} {self.item}. "
@@ -104,11 +111,15 @@ def random_problem(rng: random.Random, n_ops: int = 2) -> ArithProblem:
             return ArithProblem(rng.choice(NAMES), rng.choice(ITEMS), start, tuple(ops))
 
 
+KINDS = ("train", "test", "reversal", "paraphrase")
+
+
 def make_split(n: int, seed: int, kind: str = "train", n_ops: int = 2) -> list[Example]:
-    """n examples. kind: "train" / "test" (forward questions) or "reversal" (start masked). Test and reversal
-    questions come from a fixed fifth of the problem space that "train" never draws from."""
-    if kind not in ("train", "test", "reversal"):
-        raise ValueError(f"kind must be 'train', 'test' or 'reversal', got {kind!r}")
+    """n examples. kind: "train" / "test" (forward questions), "reversal" (start masked) or "paraphrase" (forward
+    questions in unseen sentence frames). Test, reversal and paraphrase questions come from a fixed fifth of the
+    problem space that "train" never draws from."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     rng = random.Random(f"{kind}-{seed}-{n_ops}")
     out = []
     seen = set()
@@ -121,9 +132,12 @@ def make_split(n: int, seed: int, kind: str = "train", n_ops: int = 2) -> list[E
         seen.add(key)
         if kind == "reversal":
             q, a, r = p.reversal_question(), p.start, p.reversal_rationale()
+        elif kind == "paraphrase":
+            q, a, r = p.paraphrase_question(), p.answer, p.rationale()
         else:
             q, a, r = p.question(), p.answer, p.rationale()
-        out.append(Example(id=f"arith-{kind}-{seed}-{len(out)}", dataset=f"arithmetic_{'reversal' if kind == 'reversal' else 'forward'}",  # noqa: E501
+        name = {"reversal": "reversal", "paraphrase": "paraphrase"}.get(kind, "forward")
+        out.append(Example(id=f"arith-{kind}-{seed}-{len(out)}", dataset=f"arithmetic_{name}",
                            split=kind, question=q, answer=str(a), answer_type="number", rationale=r,
                            meta={"problem": {"name": p.name, "item": p.item, "start": p.start, "ops": [list(o) for o in p.ops]}}))
     return out
@@ -291,3 +305,19 @@ class SymbolicTeacher:
         opts, letter = _options(rng, right, wrong)
         q = f"{p.premises()} What makes the count {feature}? {opts}"
         return Probe("cause_oriented", q, f"The count changes because of {right}. The answer is {letter}.", letter, "choice")
+
+
+def tokenizer_corpus(n: int = 1500) -> list[str]:
+    """Text of the whole domain for training a tokenizer: questions of every kind (1 and 2 operations), their
+    rationales, and every rule's probes with their rationales. Fixed seeds: the same corpus every time."""
+    t = SymbolicTeacher()
+    out = []
+    for n_ops in (1, 2):
+        for kind in KINDS:
+            for e in make_split(n // 4 if kind != "train" else n, 7, kind, n_ops=n_ops):
+                out += [e.question, e.rationale]
+                if kind == "train":
+                    for rule in RULE_NAMES:
+                        pr = t.probe(e, rule)
+                        out += [pr.question, pr.rationale]
+    return out
