@@ -469,10 +469,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         # ---- 1. questions of this step (deterministic in the step: resume replays it exactly)
         rng = random.Random(f"{cfg.seed}-{step}")
         picked = rng.sample(range(len(questions)), min(cfg.questions_per_step, len(questions)))[rank::world]
-        plan = [_scenarios(questions[i], cfg, random.Random(f"{cfg.seed}-{step}-{i}")) for i in picked]
+        plan = [scenarios(questions[i], cfg, random.Random(f"{cfg.seed}-{step}-{i}")) for i in picked]
         # ---- 2. rollouts: the student answers every user turn (dialogue: G x Scenario A + G x Scenario B per question;
         #         independent: G x each probe and G x the question, each on its own)
-        prompts = _prompts(plan, cfg)
+        prompts = build_prompts(plan, cfg)
         dialogues = multi_turn_rollouts(backend, dtok, [p.turns for p in prompts], cfg.sampling,
                                         seed=(cfg.seed * 1_000_003 + step) * 64 + rank)
         t_gen = time.time()
@@ -510,7 +510,7 @@ def _gmean(xs):
     return distributed.all_sum(sum(xs)) / max(1, distributed.all_sum(len(xs)))
 
 
-def _scenarios(q: dict, cfg: TrainConfig, rng: random.Random) -> dict:
+def scenarios(q: dict, cfg: TrainConfig, rng: random.Random) -> dict:
     """k probes of the question (shuffled); Scenario A poses all k, then the question; Scenario B the first k'."""
     probes = list(q["probes"])
     rng.shuffle(probes)
@@ -534,7 +534,7 @@ class Prompt:
     probe_ids: list  # per assistant turn: the index of its probe in the question's list, or -1 for the question
 
 
-def _prompts(plan: list[dict], cfg: TrainConfig) -> list[Prompt]:
+def build_prompts(plan: list[dict], cfg: TrainConfig) -> list[Prompt]:
     out = []
     for qi, p in enumerate(plan):
         q = (p["answer"], p["answer_type"])
@@ -597,7 +597,7 @@ def score_rollouts(cfg: TrainConfig, prompts: list[Prompt], dialogues, dtok, rng
         metrics.setdefault("reward_base_A", []).extend(base_a)
         metrics.setdefault("reward_base_B", []).extend(base_b)
         metrics.setdefault("bonus_rate", []).append(float(r.p_full > cfg.nu * r.p_partial))  # the gate (dsu on or off)
-        metrics.setdefault("bonus_rate_perm", []).append(_perm_firing(base_a + base_b, len(base_a), cfg, rng))
+        metrics.setdefault("bonus_rate_perm", []).append(perm_firing(base_a + base_b, len(base_a), cfg, rng))
         metrics.setdefault("p_full", []).append(r.p_full)
         metrics.setdefault("p_partial", []).append(r.p_partial)
     metrics["reward"] = list(total)
@@ -618,7 +618,7 @@ def score_rollouts(cfg: TrainConfig, prompts: list[Prompt], dialogues, dtok, rng
     return Scored(total, adv, turn_adv, metrics)
 
 
-def _perm_firing(base: list, n_a: int, cfg: TrainConfig, rng: random.Random) -> float:
+def perm_firing(base: list, n_a: int, cfg: TrainConfig, rng: random.Random) -> float:
     """How often the bonus would fire with the scenario labels shuffled among the question's 2G rollouts: its
     chance rate when the scenarios do not differ (the baseline for bonus_rate)."""
     fired = 0

@@ -12,7 +12,7 @@ from exgrpo.generation import SamplingConfig
 from exgrpo.model import ModelConfig, PolicyHidden, build_student
 from exgrpo.steps import GRPOInputs, StepContext, grpo_loss
 from exgrpo.tokenizer import byte_tokenizer
-from exgrpo.trainer import (Prompt, SFTConfig, TrainConfig, _perm_firing, _prompts, _scenarios, read_jsonl,
+from exgrpo.trainer import (Prompt, SFTConfig, TrainConfig, perm_firing, build_prompts, scenarios, read_jsonl,
                             score_rollouts, sft, sft_examples, train)
 from exgrpo_kernels import GRPOLossConfig, grpo_loss_reference
 
@@ -47,22 +47,22 @@ def test_sft_pairs_form_is_probe_then_rationale_alone(data, tmp_path):
 def test_scenario_b_direct_question_and_random_truncation(data):
     q = read_jsonl(data)[0]
     cfg = TrainConfig(init=None, k=3, k_partial=0)
-    p = _scenarios(q, cfg, random.Random(1))
-    prompts = _prompts([p], cfg.__class__(init=None, k=3, k_partial=0, G=2))
+    p = scenarios(q, cfg, random.Random(1))
+    prompts = build_prompts([p], cfg.__class__(init=None, k=3, k_partial=0, G=2))
     b = [x for x in prompts if x.scenario == "B"]
     assert b and all(x.turns == [q["question"]] for x in b)  # k' = 0: the question asked directly
     a = [x for x in prompts if x.scenario == "A"][0]
     assert len(a.turns) == 4 and a.turns[-1] == q["question"] and a.probe_ids == [0, 1, 2, -1]
     rnd = TrainConfig(init=None, k=3, k_partial_mode="random")
-    kps = [_scenarios(q, rnd, random.Random(s))["k_partial"] for s in range(60)]
+    kps = [scenarios(q, rnd, random.Random(s))["k_partial"] for s in range(60)]
     assert set(kps) == {0, 1, 2}  # uniform over [0, k)
-    assert kps == [_scenarios(q, rnd, random.Random(s))["k_partial"] for s in range(60)]  # deterministic
+    assert kps == [scenarios(q, rnd, random.Random(s))["k_partial"] for s in range(60)]  # deterministic
 
 
 def test_independent_mode_prompts_and_groups(data):
     q = read_jsonl(data)[0]
     cfg = TrainConfig(init=None, k=2, k_partial=1, G=3, mode="independent")
-    prompts = _prompts([_scenarios(q, cfg, random.Random(0))], cfg)
+    prompts = build_prompts([scenarios(q, cfg, random.Random(0))], cfg)
     kinds = [p.scenario for p in prompts]
     assert kinds == ["probe"] * 6 + ["question"] * 3 and all(len(p.turns) == 1 for p in prompts)
 
@@ -137,11 +137,11 @@ def test_per_turn_advantages_reach_the_kernel_per_token():
 def test_dsu_gate_permutation_baseline():
     cfg = TrainConfig(init=None, nu=1.0, perm_samples=400)
     rng = random.Random(0)
-    assert _perm_firing([1.0] * 8, 4, cfg, rng) == 0.0  # equal rewards never fire (strict >)
+    assert perm_firing([1.0] * 8, 4, cfg, rng) == 0.0  # equal rewards never fire (strict >)
     # one correct among 4+4: shuffled, it lands in A half the time -> the gate fires by chance ~ 1/2
-    assert _perm_firing([1, 0, 0, 0, 0, 0, 0, 0], 4, cfg, rng) == pytest.approx(0.5, abs=0.08)
+    assert perm_firing([1, 0, 0, 0, 0, 0, 0, 0], 4, cfg, rng) == pytest.approx(0.5, abs=0.08)
     # two of eight correct: fires when A holds more of them: P(2 in A) + P(1 in A and 0 in B)... = 3/14 + 0 = 0.2143
-    assert _perm_firing([1, 1, 0, 0, 0, 0, 0, 0], 4, cfg, rng) == pytest.approx(6 / 28, abs=0.06)
+    assert perm_firing([1, 1, 0, 0, 0, 0, 0, 0], 4, cfg, rng) == pytest.approx(6 / 28, abs=0.06)
 
 
 def test_exgrpo_steps_in_every_mode(data, tmp_path):
