@@ -131,15 +131,23 @@ def demo(cfg: DemoConfig):
     run_demo(cfg)
 
 
+def plan(cfg, resume=False):
+    from exgrpo.plan import plan as compute, render
+    check_model_dir("model.path", cfg.model.path)
+    print(render(cfg, compute(cfg)))
+
+
 COMMANDS = {  # name -> (config class, function(cfg, resume))
     "ei": (None, ei), "sft": (SFTConfig, sft), "train": (TrainConfig, train), "eval": (EvalConfig, eval),
-    "demo": (DemoConfig, lambda cfg, resume=False: demo(cfg)),
+    "demo": (DemoConfig, lambda cfg, resume=False: demo(cfg)), "plan": (None, plan),
 }
 
 
 def _fill_ei():
     from exgrpo.ei.pipeline import EIConfig
+    from exgrpo.plan import PlanConfig
     COMMANDS["ei"] = (EIConfig, ei)
+    COMMANDS["plan"] = (PlanConfig, plan)
 
 
 _fill_ei()

@@ -61,13 +61,23 @@ def _convert(name, tp, value):
 
 
 def from_dict(cls, data: dict, prefix: str = ""):
+    """cls from a mapping. A nested config given as a mapping starts from this class's default for that field (its
+    default_factory's values, e.g. TrainConfig's loss defaults), not from the nested class's own defaults."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
     if unknown:
         raise ValueError(f"unknown config field(s) {sorted(prefix + u for u in unknown)} for {cls.__name__}; "
-                         f"known: {sorted(names)}")
-    kw = {k: _convert(prefix + k, hints[k], v) for k, v in data.items()}
+                         f"known: {sorted(fields)}")
+    kw = {}
+    for k, v in data.items():
+        f = fields[k]
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
+            default = (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                       else f.default if f.default is not dataclasses.MISSING else None)
+            if dataclasses.is_dataclass(default):
+                v = _merge(to_dict(default), v)
+        kw[k] = _convert(prefix + k, hints[k], v)
     return cls(**kw)
 
 

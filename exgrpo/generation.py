@@ -79,10 +79,14 @@ class TransformersBackend(GenerationBackend):
 
     name = "transformers"
 
-    def __init__(self, model, tokenizer, eot_ids, batch_size: int = 64, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, model, tokenizer, eot_ids, batch_size: int = 64, autocast_dtype: torch.dtype | None = None,
+                 sync_ranks: bool = False, fsdp_root=None):
         self.model, self.tok, self.eot = model, tokenizer, set(eot_ids)
         self.batch_size = batch_size
         self.autocast_dtype = autocast_dtype  # generate in the trainer's precision: its log-probs then match
+        # a sharded (FSDP2) model: every forward is collective, so all ranks make the same calls in lockstep
+        self.sync_ranks = sync_ranks
+        self.fsdp_root = fsdp_root  # FSDP2: the sharded root, whose own parameters (embeddings, head) generate gathers
 
     def sync_weights(self, model) -> None:
         self.model = model
@@ -95,13 +99,25 @@ class TransformersBackend(GenerationBackend):
         lm.eval()
         lm.set_attn_implementation("sdpa")
         dev = next(lm.parameters()).device
+        if self.fsdp_root is not None:
+            self.fsdp_root.unshard()
         try:
             out = []
+            n_calls = -(-len(prompts) // self.batch_size)
+            if self.sync_ranks:
+                from exgrpo import distributed
+                n_calls = int(distributed.all_max(n_calls))
             with torch.autocast(dev.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-                for i in range(0, len(prompts), self.batch_size):
-                    out += self._generate(lm, prompts[i:i + self.batch_size], sc, greedy, generator_seed)
+                for c in range(n_calls):
+                    chunk = prompts[c * self.batch_size:(c + 1) * self.batch_size]
+                    if chunk:
+                        out += self._generate(lm, chunk, sc, greedy, generator_seed)
+                    else:  # this rank has nothing left: a dummy call keeps the ranks' collectives paired
+                        self._generate(lm, [[self.tok.pad_token_id]], sc, greedy, generator_seed)
             return out
         finally:
+            if self.fsdp_root is not None:
+                self.fsdp_root.reshard()
             lm.set_attn_implementation(IMPL)
             lm.train(was_training)
 
@@ -120,7 +136,7 @@ class TransformersBackend(GenerationBackend):
                                                       top_k=sc.top_k)  # top_k 0 and top_p 1 switch those off
         g = lm.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), max_new_tokens=sc.max_new_tokens,
                         eos_token_id=sorted(self.eot), pad_token_id=pad, output_logits=True,
-                        return_dict_in_generate=True, **kw)
+                        return_dict_in_generate=True, synced_gpus=self.sync_ranks, **kw)
         new = g.sequences[:, T:].cpu()
         logits = torch.stack(g.logits, 1).float().cpu()  # [B, steps, V], raw (before temperature / top-p)
         tau = 1.0 if greedy else sc.temperature
@@ -142,7 +158,11 @@ def multi_turn_rollouts(backend, dtok: DialogueTokenizer, user_turns: list[list[
     """One dialogue per entry of ``user_turns`` (its user messages in order); the student answers each user
     turn. All dialogues advance together, one batched generate call per turn."""
     states = [dtok.start([{"role": "user", "content": turns[0]}]) for turns in user_turns]
-    for t in range(max(len(u) for u in user_turns)):
+    n_turns = max((len(u) for u in user_turns), default=0)
+    if getattr(backend, "sync_ranks", False):
+        from exgrpo import distributed
+        n_turns = int(distributed.all_max(n_turns))
+    for t in range(n_turns):
         active = [i for i, u in enumerate(user_turns) if t < len(u)]
         if t > 0:
             for i in active:

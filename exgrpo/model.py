@@ -39,6 +39,7 @@ class ModelConfig:
     tokenizer: str = "byte"  # a built student's tokenizer: byte (one token per byte) | arithmetic (BPE of the built-in domain)
     tokenizer_style: str = "chatml"  # chat template: chatml | llama3
     dtype: str = "float32"  # parameter dtype: float32 (master weights; bf16 autocast on CUDA) | bfloat16
+    tie_embeddings: bool = False  # a built student: lm_head shares the input embedding matrix
     lora_rank: int = 0  # > 0: train LoRA adapters (peft) instead of all weights
     lora_alpha: int = 64
     liger: bool = False  # Liger-Kernel RMSNorm / SwiGLU / RoPE patches (GPU)
@@ -65,7 +66,7 @@ def hf_config(cfg: ModelConfig, tok):
             vocab_size=len(tok), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
             num_hidden_layers=cfg.num_layers, num_attention_heads=heads, num_key_value_heads=heads, head_dim=cfg.head_dim,
             max_position_embeddings=cfg.max_position_embeddings, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=cfg.tie_embeddings)
     p = PRESETS[cfg.preset]
     cls = {"qwen2": transformers.Qwen2Config, "gemma": transformers.GemmaConfig, "llama": transformers.LlamaConfig}[p["arch"]]
     return cls(vocab_size=p["vocab_size"], hidden_size=p["hidden_size"], intermediate_size=p["intermediate_size"],

@@ -10,13 +10,12 @@ not depend on how the global batch is split into micro-batches and ranks.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 
 import torch
 
-from exgrpo import distributed
+from exgrpo import distributed, parallel
 from exgrpo.microbatch import plan_micro_batches
 from exgrpo_kernels import (GRPOLossConfig, PackedBatch, fused_linear_grpo_loss, fused_linear_logprobs,
                             fused_linear_nll_loss, pack_sequences)
@@ -102,23 +101,27 @@ def micro_batches(lengths, max_tokens: int) -> list[list[int]]:
     return plan.plan[0]
 
 
-def _sync_context(module, sync: bool):
-    return module.no_sync() if (hasattr(module, "no_sync") and not sync) else contextlib.nullcontext()
+def global_plan(lengths, max_tokens: int) -> list[list[int]]:
+    """This rank's micro-batches of a batch every rank holds whole (indices into it): all ranks' sequences planned
+    together (LPT over ranks, balanced tokens), the same number of micro-batches on every rank."""
+    plan = plan_micro_batches(lengths, max_tokens, num_ranks=distributed.world(), truncate=True)
+    return plan.plan[distributed.rank()]
 
 
-def backward_micro_batches(ctx: StepContext, lengths, loss_of, *, sync_last: bool = True,
-                           scale: float = 1.0) -> MicroStats:
+def backward_micro_batches(ctx: StepContext, lengths, loss_of, *, sync_last: bool = True, scale: float = 1.0,
+                           plan: list[list[int]] | None = None) -> MicroStats:
     """The one micro-batch loop of the trainer.
 
     lengths: the token count of each item; loss_of(indices) -> (loss tensor, metrics dict) for a micro-batch
     (indices may be empty on a rank with fewer items than micro-batches: loss_of must still run the module's
     forward so that every rank takes part in the gradient sync). Each loss x ``scale`` is backpropagated;
-    gradients are synchronised on the last micro-batch only if ``sync_last``.
+    gradients are synchronised on the last micro-batch only if ``sync_last``. ``plan``: this rank's micro-batches
+    (default: its own items planned alone, the count agreed over ranks).
     """
     stats = MicroStats()
-    mbs = micro_batches(lengths, ctx.micro_batch_tokens)
+    mbs = plan if plan is not None else micro_batches(lengths, ctx.micro_batch_tokens)
     for j, mb in enumerate(mbs):
-        with _sync_context(ctx.module, sync_last and j == len(mbs) - 1):
+        with parallel.sync_context(ctx.module, sync_last and j == len(mbs) - 1):
             loss, metrics = loss_of(mb)
             (loss * scale).backward()
         v = float(loss.detach())
@@ -137,6 +140,10 @@ def pack(seqs, device) -> PackedBatch:
 def _dummy() -> list:
     """One 2-token sequence with nothing trained: the forward of a rank that has no sequence for a micro-batch."""
     return [(torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.bool))]
+
+
+def dummy_batch(device) -> PackedBatch:
+    return pack(_dummy(), device)
 
 
 def per_token_packed(values, device) -> torch.Tensor:
@@ -163,15 +170,15 @@ def nll_loss(ctx: StepContext, seqs, num_global_tokens: float) -> tuple[torch.Te
     return loss, {}
 
 
-def policy_logprobs(ctx: StepContext, model: torch.nn.Module, seqs, temperature: float) -> list[torch.Tensor]:
+def policy_logprobs(ctx: StepContext, model: torch.nn.Module, seqs, temperature: float,
+                    plan: list[list[int]] | None = None) -> list[torch.Tensor]:
     """log softmax(z / tau) of every token of each sequence under ``model`` (no grad), per sequence:
     [T_i] fp32 each, value at token i = log p(token i | tokens < i), 0 for the first token. Batched by
-    micro-batch; independent of how the sequences are later packed."""
+    micro-batch (``plan``: this rank's, indices into seqs; others stay None); independent of how the sequences are
+    later packed. Every planned micro-batch runs a forward, an empty one too (FSDP2's gathers are collective)."""
     out: list[torch.Tensor] = [None] * len(seqs)
-    for mb in micro_batches([len(s[0]) for s in seqs], ctx.micro_batch_tokens):
-        if not mb:
-            continue
-        b = pack([seqs[i] for i in mb], ctx.device)
+    for mb in plan if plan is not None else micro_batches([len(s[0]) for s in seqs], ctx.micro_batch_tokens):
+        b = pack([seqs[i] for i in mb] or _dummy(), ctx.device)
 
         def head(h, lm, b):
             return fused_linear_logprobs(h, lm.weight, b.targets, temperature=temperature, backend=ctx.kernel_backend,
@@ -179,6 +186,8 @@ def policy_logprobs(ctx: StepContext, model: torch.nn.Module, seqs, temperature:
 
         with torch.no_grad(), ctx.autocast():
             lp = model(b, head).float()
+        if not mb:
+            continue
         cu = b.cu_seqlens.tolist()
         for k, i in enumerate(mb):
             pos = lp[cu[k]:cu[k + 1]]  # position t predicts token t + 1
@@ -278,11 +287,21 @@ def grpo_loss(ctx: StepContext, x: GRPOInputs, idx: list[int], cfg: GRPOLossConf
         return ctx.module(b, head)
 
 
-def mismatch_only(ctx: StepContext, x: GRPOInputs, temperature: float) -> MicroStats:
+def reference_logprobs(ctx: StepContext, seqs, temperature: float, plan) -> list[torch.Tensor]:
+    """The frozen reference's log-probs: its own model, or (LoRA) the policy with its adapters disabled."""
+    if ctx.ref_from_adapters_off:
+        with ctx.policy.model.disable_adapter():
+            return policy_logprobs(ctx, ctx.module, seqs, temperature, plan)
+    return policy_logprobs(ctx, ctx.ref, seqs, temperature, plan)
+
+
+def mismatch_only(ctx: StepContext, x: GRPOInputs, temperature: float, plan) -> MicroStats:
     """The generator/trainer log-prob mismatch without a backward (a step whose advantages are all zero)."""
     stats = MicroStats()
-    lp = policy_logprobs(ctx, ctx.module, x.seqs, temperature)
+    lp = policy_logprobs(ctx, ctx.module, x.seqs, temperature, plan)
     for (_, mask), l, g in zip(x.seqs, lp, x.gen_logp):
+        if l is None:
+            continue
         d = (l - g).abs()[mask.bool()]
         if d.numel():
             stats.add_metrics({"gen_logp_abs_diff_mean": d.mean(), "gen_logp_abs_diff_max": d.max(),
@@ -316,36 +335,56 @@ def global_token_count(masks) -> float:
     return distributed.all_sum(sum(int(m[1:].sum()) for m in masks))
 
 
+def gather_batch(x: GRPOInputs, aux: list) -> tuple[GRPOInputs, list]:
+    """Every rank's sequences (in rank order), so that the micro-batches of all ranks are planned together."""
+    if distributed.world() == 1:
+        return x, aux
+    parts = distributed.all_gather_object((x.seqs, x.advantages, x.gen_logp, x.turn_ids, x.turn_advantages, aux))
+    cat = lambda i: [v for p in parts for v in p[i]]  # noqa: E731
+    has_turns = parts[0][3] is not None
+    g = GRPOInputs(seqs=cat(0), advantages=torch.cat([p[1] for p in parts]), gen_logp=cat(2),
+                   turn_ids=cat(3) if has_turns else None, turn_advantages=cat(4) if has_turns else None)
+    return g, cat(5)
+
+
 def grpo_update(ctx: StepContext, x: GRPOInputs, aux: list, loss_cfg: GRPOLossConfig, aux_weight: float,
                 updates: int, optimizer_step) -> UpdateResult:
-    """``updates`` policy updates on one batch: old log-probs before the first when updates > 1, the GRPO
-    loss (+ aux_weight x NLL of ``aux`` [(ids, mask)]), then ``optimizer_step(finite) -> (stepped, grad_norm)``.
+    """``updates`` policy updates on one batch: reference log-probs once (beta > 0), old log-probs before the
+    first update when updates > 1, the GRPO loss (+ aux_weight x NLL of ``aux`` [(ids, mask)]), then
+    ``optimizer_step(finite) -> (stepped, grad_norm)``. The sequences of all ranks are planned together: each rank
+    trains its share of the global batch (balanced tokens), whichever rank generated them.
 
     A batch whose advantages are all zero (every group tied) has no policy gradient: its backward is skipped
     (the mismatch is still measured); with no auxiliary loss there is then no optimizer step either."""
-    n_global = global_token_count(m for _, m in x.seqs)
-    x.num_global_tokens, x.num_global_seqs = n_global, distributed.all_sum(len(x.seqs))
-    all_zero = distributed.all_sum(float(x.advantages.abs().sum())) == 0
-    n_aux = global_token_count(m for _, m in aux) if aux else 0
+    x, aux = gather_batch(x, aux)
+    x.num_global_tokens = float(sum(int(m[1:].sum()) for _, m in x.seqs))
+    x.num_global_seqs = float(len(x.seqs))
+    n_aux = float(sum(int(m[1:].sum()) for _, m in aux)) if aux else 0.0
+    all_zero = float(x.advantages.abs().sum()) == 0
+    plan = global_plan([len(s[0]) for s in x.seqs], ctx.micro_batch_tokens)
+    aux_plan = global_plan([len(s[0]) for s in aux], ctx.micro_batch_tokens) if aux else None
+    if loss_cfg.beta != 0 and not all_zero:
+        x.ref_logp = reference_logprobs(ctx, x.seqs, loss_cfg.temperature, plan)
     if updates > 1 and not all_zero:
-        x.old_logp = policy_logprobs(ctx, ctx.module, x.seqs, loss_cfg.temperature)
+        x.old_logp = policy_logprobs(ctx, ctx.module, x.seqs, loss_cfg.temperature, plan)
     lengths = [len(s[0]) for s in x.seqs]
     res = UpdateResult(loss=0.0, aux_loss=0.0, skipped_zero_adv=all_zero)
     stats = MicroStats()
     for update in range(updates):
         finite = True
         if not all_zero:
-            pol = backward_micro_batches(ctx, lengths, lambda mb: grpo_loss(ctx, x, mb, loss_cfg, n_global),
-                                         sync_last=not aux)
+            pol = backward_micro_batches(ctx, lengths, lambda mb: grpo_loss(ctx, x, mb, loss_cfg), sync_last=not aux,
+                                         plan=plan)
             finite &= pol.finite
             res.loss += distributed.all_sum(pol.loss)
             if update == 0:
                 stats = pol
         elif update == 0:
-            stats = mismatch_only(ctx, x, loss_cfg.temperature)
+            stats = mismatch_only(ctx, x, loss_cfg.temperature, plan)
         if aux:  # lambda x SFT on the probes' teacher rationales
-            a = backward_micro_batches(ctx, [len(s[0]) for s in aux], lambda mb: nll_loss(ctx, [aux[i] for i in mb], n_aux),
-                                       scale=aux_weight)
+            a = backward_micro_batches(ctx, [len(s[0]) for s in aux],
+                                       lambda mb: nll_loss(ctx, [aux[i] for i in mb], n_aux), scale=aux_weight,
+                                       plan=aux_plan)
             finite &= a.finite
             res.aux_loss += distributed.all_sum(a.loss)
         if all_zero and not aux:
@@ -357,9 +396,15 @@ def grpo_update(ctx: StepContext, x: GRPOInputs, aux: list, loss_cfg: GRPOLossCo
     return res
 
 
-def sft_backward(ctx: StepContext, seqs) -> MicroStats:
-    """Backward of the NLL of one global SFT batch (this rank's ``seqs``), normalised by the global count."""
-    n_global = global_token_count(m for _, m in seqs)
-    stats = backward_micro_batches(ctx, [len(s[0]) for s in seqs], lambda mb: nll_loss(ctx, [seqs[i] for i in mb], n_global))
+def sft_backward(ctx: StepContext, seqs, global_batch: bool = False) -> MicroStats:
+    """Backward of the NLL of one SFT batch, normalised by the global token count. ``seqs``: this rank's share, or
+    (``global_batch``) the whole global batch, held by every rank and planned over all of them."""
+    lengths = [len(s[0]) for s in seqs]
+    if global_batch:
+        n_global = float(sum(int(m[1:].sum()) for _, m in seqs))
+        plan = global_plan(lengths, ctx.micro_batch_tokens)
+    else:
+        n_global, plan = global_token_count(m for _, m in seqs), None
+    stats = backward_micro_batches(ctx, lengths, lambda mb: nll_loss(ctx, [seqs[i] for i in mb], n_global), plan=plan)
     stats.metric_sums["num_tokens"] = n_global
     return stats

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from exgrpo import checkpoint, distributed
+from exgrpo import checkpoint, distributed, parallel
+from exgrpo.parallel import FSDPConfig
 from exgrpo.config import save_config
 from exgrpo.data.answers import is_correct
 from exgrpo.dialogue import DialogueTokenizer
@@ -28,8 +29,7 @@ from exgrpo.generation import (GenerationBackend, SamplingConfig, TransformersBa
                                last_assistant_text, multi_turn_rollouts)
 from exgrpo.io import AppendLog
 from exgrpo.model import ModelConfig, PolicyHidden, build_student
-from exgrpo.steps import (PRECISIONS, GRPOInputs, StepContext, autocast_dtype, grpo_update, policy_logprobs,
-                          sft_backward)
+from exgrpo.steps import PRECISIONS, GRPOInputs, StepContext, autocast_dtype, grpo_update, sft_backward
 from exgrpo_kernels import GRPOLossConfig, grouped_advantages
 
 # ================================================================================================ configs
@@ -54,6 +54,8 @@ class OptimConfig:
 
 
 def _check_common(name, cfg):
+    if cfg.parallel not in parallel.PARALLEL:
+        raise ValueError(f"{name}.parallel must be one of {parallel.PARALLEL}, got {cfg.parallel!r}")
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"{name}.precision must be one of {PRECISIONS}, got {cfg.precision!r}")
     if cfg.kernel_backend not in ("auto", "triton", "torch"):
@@ -79,6 +81,8 @@ class SFTConfig:
     seed: int = 0
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on the CPU) | bf16 (autocast anywhere) | fp32
     kernel_backend: str = "auto"  # fused kernels: auto (Triton on CUDA, torch on the CPU) | triton | torch
+    parallel: str = "ddp"  # data parallelism under torchrun: ddp | fsdp2 (sharded weights, grads, optimizer state)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     progress: bool = True  # progress bar
 
     def __post_init__(self):
@@ -128,6 +132,9 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on the CPU) | bf16 | fp32
     kernel_backend: str = "auto"  # fused kernels: auto | triton | torch
+    parallel: str = "ddp"  # data parallelism under torchrun: ddp | fsdp2
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    vllm_sleep_level: int = 2  # colocated vLLM on CUDA during the training phase: 1 offload weights | 2 drop them
     progress: bool = True
 
     def __post_init__(self):
@@ -266,7 +273,7 @@ def optimizer_step(model, opt, sched, oc: OptimConfig, loss_ok: bool | None, gua
         sched.step()
         return False, None
     params = [p for p in model.parameters() if p.requires_grad]
-    norm = float(torch.nn.utils.clip_grad_norm_(params, oc.grad_clip))
+    norm = parallel.clip_grad_norm(params, oc.grad_clip)
     ok = loss_ok and math.isfinite(norm)
     if ok:
         opt.step()
@@ -277,25 +284,37 @@ def optimizer_step(model, opt, sched, oc: OptimConfig, loss_ok: bool | None, gua
     return ok, norm
 
 
-def wrap_ddp(policy: PolicyHidden, device):
-    if distributed.world() == 1:
-        return policy
-    from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
-
-
 def step_context(cfg, policy: PolicyHidden, device, ref: PolicyHidden | None = None) -> StepContext:
-    return StepContext(policy=policy, module=wrap_ddp(policy, device), device=device, world=distributed.world(),
+    """The micro-step context: the policy wrapped for the data parallelism of ``cfg.parallel`` (sharded in place
+    under FSDP2: build the optimizer after this), a frozen reference sharded the same way."""
+    module = parallel.wrap(policy, cfg.parallel, cfg.fsdp, device)
+    if cfg.parallel == "fsdp2":
+        if ref is not None:
+            parallel.wrap(ref, "fsdp2", cfg.fsdp, device)
+        # FSDP2 initialises lazily at the first forward, which must go through the root: run it here, before any
+        # generation calls the inner causal LM (that would make each layer a root of its own)
+        from exgrpo.steps import dummy_batch
+        with torch.no_grad():
+            for m in (module, ref):
+                if m is not None:
+                    m(dummy_batch(device))
+    return StepContext(policy=policy, module=module, device=device, world=distributed.world(),
                        autocast_dtype=autocast_dtype(cfg.precision, device), kernel_backend=cfg.kernel_backend,
                        micro_batch_tokens=cfg.micro_batch_tokens, ref=ref)
 
 
-def save_final(out_dir, model, tok):
-    """HF-format model (LoRA merged) and tokenizer under out_dir/final."""
+def save_final(out_dir, model, tok, state_dict=None, rebuild=None):
+    """HF-format model (LoRA merged) and tokenizer under out_dir/final. Sharded models pass their gathered
+    ``state_dict`` and ``rebuild()`` (an unsharded copy of the architecture to load it into)."""
     path = os.path.join(out_dir, "final")
     tmp = path + ".tmp"
     m = model
-    if hasattr(model, "merge_and_unload"):
+    if state_dict is not None:
+        m = rebuild()
+        m.load_state_dict(state_dict)
+        if hasattr(m, "merge_and_unload"):
+            m = m.merge_and_unload()
+    elif hasattr(model, "merge_and_unload"):
         import copy
         m = copy.deepcopy(model).merge_and_unload()
     m.save_pretrained(tmp)
@@ -315,6 +334,7 @@ def load_policy(model_cfg: ModelConfig, init: str | None, seed: int, device):
 
 
 def sft(cfg: SFTConfig, resume: bool = False) -> dict:
+    parallel.check_launch(cfg.parallel, cfg.batch_dialogues, "batch_dialogues")
     rank, world, device = distributed.init()
     if distributed.is_main():
         save_config(cfg, cfg.out_dir)
@@ -330,18 +350,19 @@ def sft(cfg: SFTConfig, resume: bool = False) -> dict:
     state, guard = {"step": 0}, NonFiniteGuard(cfg.optim.max_nonfinite)
     ck = checkpoint.latest(cfg.out_dir) if resume else None
     if ck:
-        state = _restore(ck, model, opt, sched)
+        state = _restore(ck, cfg, model, opt, sched)
         guard.count = state.get("nonfinite", 0)
     log = MetricsLog(cfg.out_dir, state["step"])
     bar = tqdm(range(state["step"], total), desc="sft", disable=not (cfg.progress and distributed.is_main()))
     for step in bar:
         t0 = time.time()
-        # ---- this step's dialogues: a permutation per epoch (deterministic: resume replays it), split over ranks
+        # ---- this step's examples: a permutation per epoch (deterministic: resume replays it); every rank plans
+        #      the whole global batch's micro-batches and takes its own (balanced tokens, not just counts)
         epoch, pos = divmod(step, steps_per_epoch)
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
-        seqs = [data[i] for i in order[pos * cfg.batch_dialogues:(pos + 1) * cfg.batch_dialogues][rank::world]]
+        seqs = [data[i] for i in order[pos * cfg.batch_dialogues:(pos + 1) * cfg.batch_dialogues]]
         # ---- NLL of the assistant turns, packed micro-batches, normalised by the global token count
-        stats = sft_backward(ctx, seqs)
+        stats = sft_backward(ctx, seqs, global_batch=True)
         stepped, gnorm = optimizer_step(model, opt, sched, cfg.optim, stats.finite, guard)
         state.update(step=step + 1, nonfinite=guard.count)
         n_global = stats.metric_sums["num_tokens"]
@@ -370,23 +391,28 @@ def sft_examples(records, fmt: str) -> list[list[dict]]:
 
 
 def _maybe_checkpoint(cfg, step, model, tok, state, opt, sched):
-    if cfg.save_every and (step + 1) % cfg.save_every == 0 and distributed.is_main():
-        checkpoint.save(cfg.out_dir, step + 1, model, tok, _trainer_state(state, opt, sched))
+    if cfg.save_every and (step + 1) % cfg.save_every == 0:
+        parallel.save(cfg.out_dir, step + 1, cfg.parallel, model, tok, opt, sched, state)
 
 
 def _finish(cfg, log, model, tok, steps) -> dict:
     log.close()
-    final = save_final(cfg.out_dir, model, tok) if distributed.is_main() else None
+    if cfg.parallel == "fsdp2":
+        sd = parallel.full_state_dict(model)  # collective
+        init = getattr(cfg, "init", None)
+        final = save_final(cfg.out_dir, model, tok, state_dict=sd,
+                           rebuild=lambda: load_policy(cfg.model, init, cfg.seed, "cpu")[0]) if distributed.is_main() else None
+    else:
+        final = save_final(cfg.out_dir, model, tok) if distributed.is_main() else None
     distributed.barrier()
     return {"steps": steps, "final": final}
 
 
-def _trainer_state(state, opt, sched):
-    return {"state": dict(state), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
-
-
-def _restore(path, model, opt, sched) -> dict:
+def _restore(path, cfg, model, opt, sched) -> dict:
+    parallel.check_layout(path, cfg.parallel)
     try:
+        if cfg.parallel == "fsdp2":
+            return parallel.load_fsdp2(path, model, opt, sched)
         return _restore_unchecked(path, model, opt, sched)
     except (OSError, RuntimeError, KeyError, EOFError, ValueError) as e:
         raise ValueError(f"--resume: checkpoint {path} is unreadable or from another setup: "
@@ -442,24 +468,27 @@ class RolloutBatch:
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    parallel.check_launch(cfg.parallel, cfg.questions_per_step, "questions_per_step")
     rank, world, device = distributed.init()
     if distributed.is_main():
         save_config(cfg, cfg.out_dir)
     questions = [r for r in read_jsonl(cfg.data) if r["probes"]]
     model, tok = load_policy(cfg.model, cfg.init, cfg.seed, device)
     ref = None
-    if cfg.loss.beta != 0:
+    if cfg.loss.beta != 0 and cfg.model.lora_rank == 0:
         ref, _ = load_policy(cfg.model, cfg.init, cfg.seed, device)  # the frozen reference: the same start
         ref = PolicyHidden(ref.requires_grad_(False).eval()).eval()
     dtok = DialogueTokenizer(tok)
     policy = PolicyHidden(model).train()
     ctx = step_context(cfg, policy, device, ref=ref)
+    # with LoRA the reference is the policy with its adapters disabled: one copy of the weights
+    ctx.ref_from_adapters_off = cfg.loss.beta != 0 and cfg.model.lora_rank > 0
     opt, sched = make_optimizer(model, cfg.optim, cfg.steps)
-    backend = make_backend(cfg, model, tok, dtok)
+    backend = make_backend(cfg, model, tok, dtok, fsdp_root=ctx.module if cfg.parallel == "fsdp2" else None)
     state, guard = {"step": 0}, NonFiniteGuard(cfg.optim.max_nonfinite)
     ck = checkpoint.latest(cfg.out_dir) if resume else None
     if ck:
-        state = _restore(ck, model, opt, sched)
+        state = _restore(ck, cfg, model, opt, sched)
         guard.count = state.get("nonfinite", 0)
         backend.sync_weights(model)
     log = MetricsLog(cfg.out_dir, state["step"])
@@ -483,10 +512,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         t_score = time.time()
         backend.sleep()  # vLLM on CUDA frees its memory while we train
         # ---- 4. training phase: reference log-probs once, then GRPO loss (+ lambda x aux SFT) on packed micro-batches
-        x = batch.inputs()
-        if ref is not None:
-            x.ref_logp = policy_logprobs(ctx, ref, x.seqs, cfg.loss.temperature)
-        upd = grpo_update(ctx, x, aux, cfg.loss, cfg.aux_weight, cfg.updates_per_batch,
+        upd = grpo_update(ctx, batch.inputs(), aux, cfg.loss, cfg.aux_weight, cfg.updates_per_batch,
                           lambda ok: optimizer_step(model, opt, sched, cfg.optim, ok, guard))
         backend.sync_weights(model)
         state.update(step=step + 1, nonfinite=guard.count)
@@ -656,38 +682,45 @@ def _samples(cfg: TrainConfig, prompts, dialogues, rewards, dtok) -> list[dict]:
     return out
 
 
-def make_backend(cfg: TrainConfig, model, tok, dtok) -> GenerationBackend:
+def make_backend(cfg: TrainConfig, model, tok, dtok, fsdp_root=None) -> GenerationBackend:
     backend = cfg.backend
     if backend == "auto":
         import importlib.util
         backend = "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
     if backend == "vllm":
         from exgrpo.vllm_backend import VLLMBackend
-        return VLLMBackend.from_model(model, tok, dtok.eot, seed=cfg.seed)
+        return VLLMBackend.from_model(model, tok, dtok.eot, seed=cfg.seed, sleep_level=cfg.vllm_sleep_level)
     if backend == "vllm-server":
         from exgrpo.vllm_backend import VLLMServerBackend
         be = VLLMServerBackend(cfg.server_url, cfg.server_model, tok, dtok.eot)
         be.sync_weights(model)  # the server starts from the policy's weights
         return be
     dev = next(model.parameters()).device
-    return TransformersBackend(model, tok, dtok.eot, autocast_dtype=autocast_dtype(cfg.precision, dev))
+    return TransformersBackend(model, tok, dtok.eot, autocast_dtype=autocast_dtype(cfg.precision, dev),
+                               sync_ranks=cfg.parallel == "fsdp2" and distributed.world() > 1, fsdp_root=fsdp_root)
 
 
 # ================================================================================================ evaluation
 
 
 def evaluate(model, tok, examples, *, batch_size: int = 64, max_new_tokens: int = 96,
-             backend: GenerationBackend | None = None) -> dict:
-    """Greedy accuracy per data set: the student answers each question directly (no probes)."""
+             backend: GenerationBackend | None = None, answers: list | None = None) -> dict:
+    """Greedy accuracy per data set: the student answers each question directly (no probes). With vLLM every
+    question of every data set goes in one batched request; with transformers, batches of ``batch_size``.
+    ``answers``: a list that receives each example's generated answer text, in order."""
     dtok = DialogueTokenizer(tok)
     backend = backend or TransformersBackend(model, tok, dtok.eot, batch_size=batch_size)
     sc = SamplingConfig(max_new_tokens=max_new_tokens)
+    step = len(examples) if not isinstance(backend, TransformersBackend) else batch_size
     res: dict = {}
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
+    for i in range(0, len(examples), max(1, step)):
+        chunk = examples[i:i + step]
         ds = multi_turn_rollouts(backend, dtok, [[e.question] for e in chunk], sc, greedy=True)
         for e, d in zip(chunk, ds):
+            text = last_assistant_text(dtok, d)
+            if answers is not None:
+                answers.append(text)
             r = res.setdefault(e.dataset, [0, 0])
-            r[0] += is_correct(last_assistant_text(dtok, d), e.answer, e.answer_type)
+            r[0] += is_correct(text, e.answer, e.answer_type)
             r[1] += 1
     return {k: {"accuracy": c / n, "correct": c, "n": n} for k, (c, n) in res.items()}

@@ -24,30 +24,37 @@ class EngineStartError(RuntimeError):
 
 
 def _merged_state(model):
-    """(name, tensor) pairs of the policy's weights in Hugging Face checkpoint naming (LoRA merged in)."""
-    if hasattr(model, "merge_adapter"):  # peft: merge, copy out, unmerge
+    """(name, tensor) pairs of the policy's weights in Hugging Face checkpoint naming (LoRA merged in), one at a
+    time: a consumer that copies each tensor away (vLLM's reload) never holds a second full copy of the model.
+    FSDP2-sharded parameters are gathered one at a time (every rank must iterate: the gather is collective)."""
+    def full(v):
+        return v.full_tensor() if hasattr(v, "full_tensor") else v
+    if hasattr(model, "merge_adapter"):  # peft: merge in place, stream, unmerge
         model.merge_adapter()
         try:
-            sd = {k.replace("base_model.model.", "").replace(".base_layer", ""): v.detach().clone()
-                  for k, v in model.state_dict().items() if "lora_" not in k}
+            for k, v in model.state_dict().items():
+                if "lora_" not in k:
+                    yield k.replace("base_model.model.", "").replace(".base_layer", ""), full(v).detach()
         finally:
             model.unmerge_adapter()
-        return list(sd.items())
-    return [(k, v.detach()) for k, v in base_causal_lm(model).state_dict().items()]
+        return
+    for k, v in base_causal_lm(model).state_dict().items():
+        yield k, full(v).detach()
 
 
 class VLLMBackend(GenerationBackend):
     name = "vllm"
 
-    def __init__(self, llm, tokenizer, eot_ids, workdir=None, seed: int = 0):
+    def __init__(self, llm, tokenizer, eot_ids, workdir=None, seed: int = 0, sleep_level: int = 2):
         self.llm, self.tok, self.eot = llm, tokenizer, sorted(set(eot_ids))
         self.workdir = workdir
         self.seed = seed
+        self.sleep_level = sleep_level  # 1: offload weights, free the KV cache; 2: free both (weights reloaded)
         self.sleeping = False
 
     @classmethod
     def from_model(cls, model, tokenizer, eot_ids, *, seed: int = 0, gpu_memory_utilization: float | None = None,
-                   max_model_len: int = 4096, enable_sleep_mode: bool | None = None):
+                   max_model_len: int = 4096, enable_sleep_mode: bool | None = None, sleep_level: int = 2):
         """Start the engine from the policy's current weights (written once to a temporary folder)."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: weights sync by reference
         workdir = tempfile.mkdtemp(prefix="exgrpo-vllm-")
@@ -61,11 +68,12 @@ class VLLMBackend(GenerationBackend):
         return cls.from_path(workdir, tokenizer, eot_ids, seed=seed, dtype=str(next(lm.parameters()).dtype).split(".")[-1],
                              gpu_memory_utilization=gpu_memory_utilization or (0.3 if cuda else 0.2),
                              max_model_len=max_model_len,
-                             enable_sleep_mode=cuda if enable_sleep_mode is None else enable_sleep_mode, workdir=workdir)
+                             enable_sleep_mode=cuda if enable_sleep_mode is None else enable_sleep_mode, workdir=workdir,
+                             sleep_level=sleep_level)
 
     @classmethod
     def from_path(cls, path, tokenizer, eot_ids, *, seed=0, dtype="auto", gpu_memory_utilization=0.2, max_model_len=4096,
-                  enable_sleep_mode=False, workdir=None):
+                  enable_sleep_mode=False, workdir=None, sleep_level: int = 2):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
             raise EngineStartError(f"vLLM engine: no Hugging Face model at {path!r} (config.json missing)")
@@ -85,7 +93,7 @@ class VLLMBackend(GenerationBackend):
             raise EngineStartError(f"vLLM engine failed to start for {path!r} (gpu_memory_utilization="
                                    f"{gpu_memory_utilization}, max_model_len={max_model_len}): {type(e).__name__}: "
                                    f"{str(e).splitlines()[0][:300] if str(e) else ''}") from e
-        return cls(llm, tokenizer, eot_ids, workdir=workdir, seed=seed)
+        return cls(llm, tokenizer, eot_ids, workdir=workdir, seed=seed, sleep_level=sleep_level)
 
     # ------------------------------------------------------------------ generation
 
@@ -122,20 +130,29 @@ class VLLMBackend(GenerationBackend):
     # ------------------------------------------------------------------ weights and memory
 
     def sync_weights(self, model) -> None:
-        """Push the trainer's weights into the engine in place (no disk)."""
-        weights = _merged_state(model)
-        self.wake_up()
-
-        def load(worker):
-            worker.model_runner.reload_weights(weights_iterator=iter(weights))
-        self.llm.collective_rpc(load)
+        """Push the trainer's weights into the engine in place (no disk), streamed one tensor at a time. Asleep at
+        level 2 (CUDA): wake the weights' memory, load into it, then wake the KV cache."""
+        if self.sleeping and self.sleep_level == 2:
+            self.llm.wake_up(tags=["weights"])
+            self._load(_merged_state(model))
+            self.llm.wake_up(tags=["kv_cache"])
+            self.sleeping = False
+        else:
+            self.wake_up()
+            self._load(_merged_state(model))
         if hasattr(self.llm, "reset_prefix_cache"):
             self.llm.reset_prefix_cache()
 
+    def _load(self, weights) -> None:
+        def load(worker):
+            worker.model_runner.reload_weights(weights_iterator=weights)
+        self.llm.collective_rpc(load)
+
     def sleep(self) -> None:
-        """Free the KV cache during the training phase (CUDA; a no-op where sleep mode is off)."""
+        """Free the engine's GPU memory during the training phase (CUDA with sleep mode; a no-op elsewhere): level 1
+        offloads the weights to host memory and drops the KV cache, level 2 drops both (the next sync reloads)."""
         if torch.cuda.is_available() and not self.sleeping:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=self.sleep_level)
             self.sleeping = True
 
     def wake_up(self) -> None:

@@ -107,3 +107,32 @@ def test_exgrpo_step_and_demo_with_vllm(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| exgrpo |" in r.stdout
+
+
+def test_eval_through_vllm_agrees_with_transformers(tmp_path):
+    """exgrpo eval backend=vllm (every data set in one batched greedy request) gives the transformers backend's
+    greedy answers on a small set, through the command itself."""
+    from exgrpo.__main__ import main
+    from exgrpo.ei.pipeline import EIConfig, run_ei
+    from exgrpo.tasks.arithmetic import make_split
+    from exgrpo.trainer import SFTConfig, evaluate, sft
+    from exgrpo.vllm_backend import VLLMBackend
+    run_ei(EIConfig(limit=24, rules_per_example=2, out_dir=str(tmp_path / "ei"), arith_ops=1), progress=False)
+    final = sft(SFTConfig(data=str(tmp_path / "ei" / "d_ei.jsonl"), model=TINY, out_dir=str(tmp_path / "sft"),
+                          max_steps=6, batch_dialogues=8, progress=False))["final"]
+    model, tok = build_student(ModelConfig(path=final))
+    ex = make_split(8, 3, "test", n_ops=1) + make_split(4, 3, "reversal", n_ops=1)
+    hf, vl = [], []
+    evaluate(model, tok, ex, max_new_tokens=24, answers=hf)
+    vb = VLLMBackend.from_model(model, tok, DialogueTokenizer(tok).eot)
+    try:
+        evaluate(model, tok, ex, max_new_tokens=24, backend=vb, answers=vl)
+    finally:
+        vb.close()
+    same = sum(a == b for a, b in zip(hf, vl))
+    assert same >= len(ex) - 1, list(zip(hf, vl))  # greedy: at most one near-tie may differ
+    out = tmp_path / "eval.json"
+    assert main(["eval", f"model={final}", "data=arithmetic", "limit=4", "arith_ops=1", "max_new_tokens=16",
+                 "backend=vllm", f"out={out}"]) == 0
+    res = json.load(open(out))
+    assert set(res) == {"arithmetic_forward", "arithmetic_reversal"} and all(v["n"] == 4 for v in res.values())

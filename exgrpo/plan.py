@@ -1,0 +1,205 @@
+"""`exgrpo plan`: the memory one GPU needs for a training setup, term by term, and whether it fits a card.
+
+From a model's shape (a preset, a Hugging Face folder's config.json, or the fields of ModelConfig), LoRA or not, the
+parallel layout and world size, the micro-batch, the loss's memory mode and the colocated vLLM's share. The terms:
+
+- weights, gradients, optimizer state: fp32 master weights (4 B/param), fp32 gradients (4), AdamW moments (8) for
+  every trained parameter; FSDP2 divides all of them by the world size, DDP does not. LoRA: the base weights in the
+  model's dtype, frozen (no gradient, no moments); the adapters trained as above.
+- FSDP2's gathered layers: the layer being computed and the one prefetched, in the compute dtype.
+- reference policy (KL, beta > 0): a second copy of the weights in the compute dtype (sharded like the policy); none
+  with LoRA (the policy with its adapters disabled).
+- activations of one micro-batch: the tensors a Llama-style decoder layer saves for its backward, per token
+  (16 H in fp32 for the norms, (9 H + 3 kv) x b for the projections, RoPE and attention, 4 I x b for the MLP,
+  b = 2 under bf16 autocast, 4 in fp32; attention's [T x T] never materialised); with gradient checkpointing
+  only each layer's input (4 H) plus one layer recomputed.
+- the fused loss: one [chunk, V] logits tile, the fp32 grad-weight accumulator in fast mode when the head trains,
+  a bf16 copy of an fp32 head under autocast; low-memory mode: a vocabulary slab and an fp32 grad-hidden.
+- vLLM: its share of the card while it generates (gpu_memory_utilization); during the training phase, asleep at
+  level 2, a residual (1 GiB assumed); level 1 keeps nothing of the weights on the GPU either but pins host memory.
+- AdamW's step: about two parameter-sized fp32 temporaries (foreach implementation).
+- attention=math (SDPA's math path, the CPU's): the [heads, len, len] probabilities saved per sequence and layer.
+- CUDA context and allocator slack: 1.5 GiB.
+
+The activation model was checked against measured peaks (tests/test_plan.py; README).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from exgrpo.model import PRESETS, ModelConfig
+
+GIB = 1 << 30
+CARDS = {"h100": 80.0, "h200": 141.0, "a100-80": 80.0, "a100-40": 40.0, "l40s": 48.0, "4090": 24.0}
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(preset="qwen2.5-7b"))
+    parallel: str = "fsdp2"  # ddp | fsdp2
+    world_size: int = 8  # GPUs
+    precision: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
+    micro_batch_tokens: int = 8192  # packed tokens per forward/backward
+    memory_mode: str = "fast"  # the fused loss: fast | low_memory
+    beta: float = 0.04  # KL weight: > 0 needs the reference policy
+    vllm_gpu_memory_utilization: float = 0.3  # the colocated vLLM's share of the card while it generates; 0: none
+    vllm_sleep_level: int = 2
+    card: str = "h100"  # h100 | h200 | a100-80 | a100-40 | l40s | 4090, or a size in GiB ("96")
+    cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded weights, grads and optimizer state in host memory
+    attention: str = "flash"  # flash (flash-attn / torch varlen: no [T x T]) | math (SDPA's math path, the CPU's)
+    seq_len: int = 1024  # typical packed sequence length (the math path saves [heads, len, len] scores per sequence)
+
+    def __post_init__(self):
+        if self.parallel not in ("ddp", "fsdp2"):
+            raise ValueError(f"PlanConfig.parallel must be ddp or fsdp2, got {self.parallel!r}")
+        if self.world_size < 1:
+            raise ValueError(f"PlanConfig.world_size must be >= 1, got {self.world_size}")
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"PlanConfig.precision must be bf16 or fp32, got {self.precision!r}")
+        if self.attention not in ("flash", "math"):
+            raise ValueError(f"PlanConfig.attention must be flash or math, got {self.attention!r}")
+        if self.memory_mode not in ("fast", "low_memory"):
+            raise ValueError(f"PlanConfig.memory_mode must be fast or low_memory, got {self.memory_mode!r}")
+        card_gib(self.card)
+
+
+def card_gib(card: str) -> float:
+    if card in CARDS:
+        return CARDS[card]
+    try:
+        return float(card)
+    except ValueError:
+        raise ValueError(f"PlanConfig.card must be one of {sorted(CARDS)} or a size in GiB, got {card!r}") from None
+
+
+@dataclass(frozen=True)
+class Shape:
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+
+    @property
+    def kv(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def layer_params(self) -> int:
+        q = self.heads * self.head_dim
+        return self.hidden * q * 2 + self.hidden * self.kv * 2 + 3 * self.hidden * self.intermediate + 2 * self.hidden
+
+    def params(self) -> int:
+        emb = self.vocab * self.hidden
+        return emb * (1 if self.tied else 2) + self.layers * self.layer_params() + self.hidden
+
+    def lora_params(self, r: int) -> int:
+        q = self.heads * self.head_dim
+        per = r * ((self.hidden + q) * 2 + (self.hidden + self.kv) * 2 + 2 * (self.hidden + self.intermediate)
+                   + (self.intermediate + self.hidden))
+        return self.layers * per
+
+
+def shape_of(mc: ModelConfig, vocab: int | None = None) -> Shape:
+    if mc.path:
+        c = json.load(open(os.path.join(mc.path, "config.json")))
+        c = c.get("text_config", c)
+        h = c["hidden_size"]
+        heads = c["num_attention_heads"]
+        return Shape(c["vocab_size"], h, c["intermediate_size"], c["num_hidden_layers"], heads,
+                     c.get("num_key_value_heads", heads), c.get("head_dim") or h // heads,
+                     bool(c.get("tie_word_embeddings", False)))
+    if mc.preset:
+        p = PRESETS[mc.preset]
+        return Shape(p["vocab_size"], p["hidden_size"], p["intermediate_size"], p["num_layers"], p["num_heads"],
+                     p["num_kv_heads"], p["head_dim"], p["tie_word_embeddings"])
+    heads = mc.hidden_size // mc.head_dim
+    return Shape(vocab or 259, mc.hidden_size, mc.intermediate_size, mc.num_layers, heads, heads, mc.head_dim,
+                 mc.tie_embeddings)
+
+
+def activation_bytes_per_token(s: Shape, b: int, checkpointing: bool) -> float:
+    """Bytes a micro-batch's tokens keep for the backward, summed over layers (see the module docstring)."""
+    layer = 16 * s.hidden + b * (9 * s.hidden + 3 * s.kv) + 4 * b * s.intermediate
+    if checkpointing:
+        return s.layers * 4 * s.hidden + layer
+    return s.layers * layer + 4 * s.hidden * 2  # + the final norm's input and output
+
+
+def plan(cfg: PlanConfig, vocab: int | None = None) -> dict:
+    """Per-GPU memory in GiB by term, for the training phase and the generation phase, and whether each fits."""
+    s = shape_of(cfg.model, vocab)
+    P = s.params()
+    W = cfg.world_size if cfg.parallel == "fsdp2" else 1
+    b = 2 if cfg.precision == "bf16" else 4
+    base_b = 2 if cfg.model.dtype == "bfloat16" else 4
+    lora = cfg.model.lora_rank > 0
+    t = {}
+    if lora:
+        A = s.lora_params(cfg.model.lora_rank)
+        t["weights (frozen base)"] = P * base_b / W
+        t["LoRA adapters, grads, AdamW"] = A * 16 / W
+        trained_head = False
+    else:
+        t["weights (fp32 master)"] = P * 4 / W
+        t["gradients"] = P * 4 / W
+        t["AdamW moments"] = P * 8 / W
+        trained_head = True
+    if cfg.cpu_offload and cfg.parallel == "fsdp2":
+        for k in list(t):
+            t[k] = 0.0
+    if cfg.parallel == "fsdp2" and W > 1:
+        t["FSDP2 gathered layers (current + prefetched)"] = 2 * s.layer_params() * b + s.vocab * s.hidden * b
+    if cfg.beta > 0 and not lora:
+        t["reference policy"] = P * b / W
+    t["activations"] = cfg.micro_batch_tokens * activation_bytes_per_token(s, b, cfg.model.gradient_checkpointing)
+    if cfg.attention == "math":  # [heads, len, len] probabilities saved per sequence and layer
+        per_layer = (cfg.micro_batch_tokens // max(1, cfg.seq_len)) * s.heads * cfg.seq_len ** 2 * b
+        t["attention scores (math SDPA)"] = per_layer * (1 if cfg.model.gradient_checkpointing else s.layers)
+    if not (cfg.cpu_offload and cfg.parallel == "fsdp2"):  # AdamW's foreach step: ~2 parameter-sized temporaries
+        t["optimizer step temporaries"] = (s.lora_params(cfg.model.lora_rank) if lora else P) * 8 / W
+    V, H = s.vocab, s.hidden
+    if cfg.memory_mode == "fast":
+        chunk = min(4096, max(16, int((max(512 << 20, V * H * 2) if trained_head else 256 << 20) // (V * b))))
+        loss = min(chunk, cfg.micro_batch_tokens) * V * b + (V * H * 4 if trained_head else 0)
+    else:
+        slab = max(128, (128 << 20) // max(1, cfg.micro_batch_tokens * b))
+        loss = cfg.micro_batch_tokens * min(slab, V) * b + cfg.micro_batch_tokens * H * 4
+    if b == 2 and base_b == 4:
+        loss += V * H * 2  # the bf16 copy of an fp32 head under autocast
+    t["fused loss (logits tile, fp32 grad-weight accumulator)"] = loss
+    t["CUDA context, allocator slack"] = 1.5 * GIB
+    card = card_gib(cfg.card) * GIB
+    vllm_gen = cfg.vllm_gpu_memory_utilization * card
+    vllm_train = (1.0 * GIB if cfg.vllm_gpu_memory_utilization > 0 else 0.0)
+    train_total = sum(t.values()) + vllm_train
+    # generating: the policy's weights stay; activations, loss buffers and gradients are free
+    gen_total = (sum(v for k, v in t.items() if not k.startswith(("activations", "fused loss", "gradients")))
+                 + vllm_gen)
+    gib = {k: v / GIB for k, v in t.items()}
+    return {"params": P, "per_gpu_gib": gib, "vllm_training_phase_gib": vllm_train / GIB,
+            "vllm_generation_phase_gib": vllm_gen / GIB, "training_phase_gib": train_total / GIB,
+            "generation_phase_gib": gen_total / GIB, "card_gib": card / GIB,
+            "fits": train_total <= card and gen_total <= card}
+
+
+def render(cfg: PlanConfig, p: dict) -> str:
+    mc = cfg.model
+    name = mc.preset or mc.path or f"h{mc.hidden_size} x{mc.num_layers}"
+    lines = [f"{name}: {p['params'] / 1e9:.2f} B parameters; {cfg.parallel} on {cfg.world_size} GPU(s), "
+             f"{'LoRA r=' + str(mc.lora_rank) if mc.lora_rank else 'full fine-tune'}, {cfg.precision}, "
+             f"{cfg.micro_batch_tokens} tokens per micro-batch, loss {cfg.memory_mode}"
+             f"{', gradient checkpointing' if mc.gradient_checkpointing else ''}", ""]
+    for k, v in p["per_gpu_gib"].items():
+        lines.append(f"  {k:52s} {v:8.2f} GiB")
+    lines.append(f"  {'vLLM (asleep during training / generating)':52s} {p['vllm_training_phase_gib']:8.2f} / "
+                 f"{p['vllm_generation_phase_gib']:.2f} GiB")
+    lines.append(f"  {'training phase':52s} {p['training_phase_gib']:8.2f} GiB")
+    lines.append(f"  {'generation phase':52s} {p['generation_phase_gib']:8.2f} GiB")
+    verdict = "fits" if p["fits"] else "does NOT fit"
+    lines.append(f"  -> {verdict} a {p['card_gib']:.0f} GiB card ({cfg.card})")
+    return "\n".join(lines)
