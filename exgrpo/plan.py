@@ -6,22 +6,32 @@ parallel layout and world size, the micro-batch, the loss's memory mode and the 
 - weights, gradients, optimizer state: fp32 master weights (4 B/param), fp32 gradients (4), AdamW moments (8) for
   every trained parameter; FSDP2 divides all of them by the world size, DDP does not. LoRA: the base weights in the
   model's dtype, frozen (no gradient, no moments); the adapters trained as above.
-- FSDP2's gathered layers: the layer being computed and the one prefetched, in the compute dtype.
+- FSDP2's gathered layers: the layer being computed and the one prefetched, and the root (embeddings, head), in
+  the gather dtype (FSDPConfig.param_dtype, fp32 by default).
 - reference policy (KL, beta > 0): a second copy of the weights in the compute dtype (sharded like the policy); none
   with LoRA (the policy with its adapters disabled).
-- activations of one micro-batch: the tensors a Llama-style decoder layer saves for its backward, per token
-  (16 H in fp32 for the norms, (9 H + 3 kv) x b for the projections, RoPE and attention, 4 I x b for the MLP,
-  b = 2 under bf16 autocast, 4 in fp32; attention's [T x T] never materialised); with gradient checkpointing
-  only each layer's input (4 H) plus one layer recomputed.
+- activations of one micro-batch: the tensors a Llama-style decoder layer saves for its backward, per token:
+  each RMSNorm keeps its input and its normalised input in fp32 (8 H each); the projections keep their input, once
+  per norm in the weights' dtype, or under bf16 autocast of fp32 weights one bf16 cast per projection (5 x 2 H);
+  attention keeps q, k, v, its output and the output's reshaped copy ((3 q + 2 kv) x b, b = 2 under bf16, 4 in
+  fp32; flash-attn, torch varlen and the CPU's per-sequence SDPA never materialise [len x len]); the MLP keeps
+  4 I x b. With gradient checkpointing only each layer's input (4 H) plus one layer recomputed. Under bf16 autocast
+  of fp32 weights, every layer's bf16 weight copies stay alive until the backward (2 B/param, whole layers even
+  under FSDP2, which gathers them first; one layer with checkpointing; none when FSDP2 gathers in bf16).
 - the fused loss: one [chunk, V] logits tile, the fp32 grad-weight accumulator in fast mode when the head trains,
   a bf16 copy of an fp32 head under autocast; low-memory mode: a vocabulary slab and an fp32 grad-hidden.
 - vLLM: its share of the card while it generates (gpu_memory_utilization); during the training phase, asleep at
   level 2, a residual (1 GiB assumed); level 1 keeps nothing of the weights on the GPU either but pins host memory.
 - AdamW's step: about two parameter-sized fp32 temporaries (foreach implementation).
-- attention=math (SDPA's math path, the CPU's): the [heads, len, len] probabilities saved per sequence and layer.
+- attention=math (SDPA's math path, when a user forces it): the [heads, len, len] probabilities saved per sequence
+  and layer.
 - CUDA context and allocator slack: 1.5 GiB.
 
-The activation model was checked against measured peaks (tests/test_plan.py; README).
+The terms do not all peak together. The training phase's peak is the static memory (weights, moments, reference,
+FSDP2's gathered layers) plus the gradients (alive across the micro-batches of a step) plus the larger of: one
+micro-batch's forward/backward (activations, attention scores, the autocast weight copies, the fused loss) and the
+optimizer step's temporaries. This was checked against the exact peak of live tensor bytes of two SFT steps on the
+CPU, fp32 and bf16 autocast, with and without checkpointing (tests/test_plan.py; README).
 """
 from __future__ import annotations
 
@@ -32,6 +42,8 @@ from dataclasses import dataclass, field
 from exgrpo.model import PRESETS, ModelConfig
 
 GIB = 1 << 30
+# the terms alive only during one micro-batch's forward and backward
+MICRO_BATCH_TERMS = ("activations", "attention scores", "bf16 weight copies", "fused loss")
 CARDS = {"h100": 80.0, "h200": 141.0, "a100-80": 80.0, "a100-40": 40.0, "l40s": 48.0, "4090": 24.0}
 
 
@@ -50,6 +62,7 @@ class PlanConfig:
     cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded weights, grads and optimizer state in host memory
     attention: str = "flash"  # flash (flash-attn / torch varlen: no [T x T]) | math (SDPA's math path, the CPU's)
     seq_len: int = 1024  # typical packed sequence length (the math path saves [heads, len, len] scores per sequence)
+    fsdp_param_dtype: str = "float32"  # FSDPConfig.param_dtype: the dtype FSDP2 gathers layers in (bfloat16: no casts)
 
     def __post_init__(self):
         if self.parallel not in ("ddp", "fsdp2"):
@@ -62,6 +75,8 @@ class PlanConfig:
             raise ValueError(f"PlanConfig.attention must be flash or math, got {self.attention!r}")
         if self.memory_mode not in ("fast", "low_memory"):
             raise ValueError(f"PlanConfig.memory_mode must be fast or low_memory, got {self.memory_mode!r}")
+        if self.fsdp_param_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"PlanConfig.fsdp_param_dtype must be float32 or bfloat16, got {self.fsdp_param_dtype!r}")
         card_gib(self.card)
 
 
@@ -122,12 +137,18 @@ def shape_of(mc: ModelConfig, vocab: int | None = None) -> Shape:
                  mc.tie_embeddings)
 
 
-def activation_bytes_per_token(s: Shape, b: int, checkpointing: bool) -> float:
-    """Bytes a micro-batch's tokens keep for the backward, summed over layers (see the module docstring)."""
-    layer = 16 * s.hidden + b * (9 * s.hidden + 3 * s.kv) + 4 * b * s.intermediate
+def activation_bytes_per_token(s: Shape, b: int, base_b: int, checkpointing: bool) -> float:
+    """Bytes a micro-batch's tokens keep for the backward, summed over layers (see the module docstring).
+
+    b: bytes of the compute dtype (2: bf16 autocast or bf16 weights, 4: fp32); base_b: bytes of the weights."""
+    q = s.heads * s.head_dim
+    autocast_casts = b == 2 and base_b == 4  # each projection casts its fp32 input to bf16 and saves the cast
+    proj_inputs = 5 * 2 * s.hidden if autocast_casts else 2 * base_b * s.hidden
+    layer = 2 * 8 * s.hidden + proj_inputs + b * (3 * q + 2 * s.kv) + 4 * b * s.intermediate
+    final = 8 * s.hidden + (2 * s.hidden if autocast_casts else 0)  # the final norm; the loss's bf16 input
     if checkpointing:
-        return s.layers * 4 * s.hidden + layer
-    return s.layers * layer + 4 * s.hidden * 2  # + the final norm's input and output
+        return s.layers * 4 * s.hidden + layer + final
+    return s.layers * layer + final
 
 
 def plan(cfg: PlanConfig, vocab: int | None = None) -> dict:
@@ -152,11 +173,17 @@ def plan(cfg: PlanConfig, vocab: int | None = None) -> dict:
     if cfg.cpu_offload and cfg.parallel == "fsdp2":
         for k in list(t):
             t[k] = 0.0
-    if cfg.parallel == "fsdp2" and W > 1:
-        t["FSDP2 gathered layers (current + prefetched)"] = 2 * s.layer_params() * b + s.vocab * s.hidden * b
+    fsdp = cfg.parallel == "fsdp2" and W > 1
+    gather_b = 2 if cfg.fsdp_param_dtype == "bfloat16" else base_b
+    if fsdp:
+        t["FSDP2 gathered layers (current + prefetched)"] = (2 * s.layer_params() + s.vocab * s.hidden) * gather_b
     if cfg.beta > 0 and not lora:
         t["reference policy"] = P * b / W
-    t["activations"] = cfg.micro_batch_tokens * activation_bytes_per_token(s, b, cfg.model.gradient_checkpointing)
+    t["activations"] = cfg.micro_batch_tokens * activation_bytes_per_token(s, b, base_b,
+                                                                           cfg.model.gradient_checkpointing)
+    if b == 2 and gather_b == 4 and not lora:  # autocast's bf16 copies of the (gathered) layers, saved for the backward
+        saved_layers = 1 if cfg.model.gradient_checkpointing else s.layers
+        t["bf16 weight copies (autocast)"] = saved_layers * s.layer_params() * 2
     if cfg.attention == "math":  # [heads, len, len] probabilities saved per sequence and layer
         per_layer = (cfg.micro_batch_tokens // max(1, cfg.seq_len)) * s.heads * cfg.seq_len ** 2 * b
         t["attention scores (math SDPA)"] = per_layer * (1 if cfg.model.gradient_checkpointing else s.layers)
@@ -176,9 +203,13 @@ def plan(cfg: PlanConfig, vocab: int | None = None) -> dict:
     card = card_gib(cfg.card) * GIB
     vllm_gen = cfg.vllm_gpu_memory_utilization * card
     vllm_train = (1.0 * GIB if cfg.vllm_gpu_memory_utilization > 0 else 0.0)
-    train_total = sum(t.values()) + vllm_train
+    step = t.get("optimizer step temporaries", 0.0)
+    micro = sum(v for k, v in t.items() if k.startswith(MICRO_BATCH_TERMS))
+    static = sum(v for k, v in t.items()) - step - micro
+    train_total = static + max(micro, step) + vllm_train  # the step runs after the micro-batches' memory is freed
     # generating: the policy's weights stay; activations, loss buffers and gradients are free
-    gen_total = (sum(v for k, v in t.items() if not k.startswith(("activations", "fused loss", "gradients")))
+    gen_total = (sum(v for k, v in t.items() if not k.startswith(MICRO_BATCH_TERMS + ("gradients",
+                                                                                        "optimizer step")))
                  + vllm_gen)
     gib = {k: v / GIB for k, v in t.items()}
     return {"params": P, "per_gpu_gib": gib, "vllm_training_phase_gib": vllm_train / GIB,

@@ -1,12 +1,16 @@
-"""Peak host memory of two SFT steps of a built student (argv: hidden layers intermediate tokens checkpointing),
-measured as the growth of the max RSS over the process after imports: what exgrpo plan predicts for the CPU."""
-import gc
+"""Peak tensor memory of two SFT steps of a built student on the CPU (argv: hidden layers intermediate tokens
+checkpointing precision): what `exgrpo plan` predicts. The peak is counted exactly, not read from the process's
+RSS (which depends on the allocator's arenas and varies run to run): a dispatch mode sees every tensor an op
+creates, adds its storage's bytes once, and subtracts them when the storage is freed, as a GPU's caching
+allocator would see the live bytes (its fragmentation is the planner's slack term)."""
 import json
 import os
-import resource
 import sys
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -15,30 +19,51 @@ from exgrpo.steps import StepContext, nll_loss  # noqa: E402
 from exgrpo.trainer import OptimConfig, make_optimizer  # noqa: E402
 
 
-def rss() -> int:
-    return int(open("/proc/self/statm").read().split()[1]) * 4096
+class LiveBytes(TorchDispatchMode):
+    """Live tensor-storage bytes and their peak over everything run inside the mode (forward, backward, step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.now = 0
+        self.peak = 0
+
+    def _free(self, key: int):
+        self.now -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                if id(st) not in self.live and st.nbytes() > 0:
+                    self.live[id(st)] = st.nbytes()
+                    self.now += st.nbytes()
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(st, self._free, id(st))
+        return out
 
 
-def main(H, L, inter, T, ckpt):
+def main(H, L, inter, T, ckpt, precision):
     torch.set_num_threads(1)
     mc = ModelConfig(hidden_size=H, intermediate_size=inter, num_layers=L, head_dim=64, gradient_checkpointing=ckpt)
     g = torch.Generator().manual_seed(0)
     seqs = [(torch.randint(0, 255, (512,), generator=g), torch.ones(512, dtype=torch.bool)) for _ in range(T // 512)]
-    gc.collect()
-    base = max(rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    model, tok = build_student(mc)
-    p = PolicyHidden(model).train()
-    ctx = StepContext(policy=p, module=p, device=torch.device("cpu"), micro_batch_tokens=T)
-    opt, _ = make_optimizer(model, OptimConfig(lr=1e-3, warmup_steps=0), 10)
-    for _ in range(2):
-        loss, _ = nll_loss(ctx, seqs, T)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"measured_gib": (peak - base) / 2 ** 30, "vocab": len(tok)}))
+    mem = LiveBytes()
+    with mem:
+        model, tok = build_student(mc)
+        p = PolicyHidden(model).train()
+        ctx = StepContext(policy=p, module=p, device=torch.device("cpu"), micro_batch_tokens=T,
+                          autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
+        opt, _ = make_optimizer(model, OptimConfig(lr=1e-3, warmup_steps=0), 10)
+        for _ in range(2):  # the second step has AdamW's moments
+            loss, _ = nll_loss(ctx, seqs, T)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    print(json.dumps({"measured_gib": mem.peak / 2 ** 30, "vocab": len(tok)}))
 
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(int(a[0]), int(a[1]), int(a[2]), int(a[3]), a[4] == "1")
+    main(int(a[0]), int(a[1]), int(a[2]), int(a[3]), a[4] == "1", a[5] if len(a) > 5 else "fp32")
