@@ -7,9 +7,10 @@ VENV ?= .venv
 CORE ?= .venv-core
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+NATIVE_STAMP := $(VENV)/.native
 CORE_STAMP := $(CORE)/.installed
 KERNEL_TESTS := tests/test_logprobs.py tests/test_grpo_loss.py tests/test_kernel_layouts.py tests/test_head_options.py \
-	tests/test_packing_kernel.py tests/test_advantages.py
+	tests/test_packing_kernel.py tests/test_advantages.py tests/test_native.py
 
 .PHONY: demo test test-full test-core lint bench clean
 
@@ -21,34 +22,41 @@ $(STAMP): setup.py requirements-cpu.txt
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	# verl's reference fused forward, read from its wheel by the parity test (verl's own deps conflict with ours)
 	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: -d $(VENV)/peers verl==0.9.1
-	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# the package, editable, with its native CPU backend (setup.py runs CMake against the venv's torch); rebuilt when
+# the C++ or the build files change
+$(NATIVE_STAMP): $(STAMP) setup.py CMakeLists.txt $(wildcard csrc/*)
+	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	$(BIN)/python -c "from exgrpo_kernels import _native as n; assert n.AVAILABLE, n.WHY_NOT"
+	touch $(NATIVE_STAMP)
+
 # the kernels with nothing but their core requirements (pip install exgrpo): torch pinned to the CPU build
+# (without the native backend: EXGRPO_NO_NATIVE=1, the torch twins serve the CPU; the same tests must pass)
 $(CORE_STAMP): setup.py
 	$(PY) -m venv $(CORE)
 	$(CORE)/bin/python -m pip install -q --upgrade pip
-	$(CORE)/bin/python -m pip install -q torch==2.13.0 triton==3.9.0 pytest
-	$(CORE)/bin/python -m pip install -q -e .
+	$(CORE)/bin/python -m pip install -q torch==2.13.0 triton==3.9.0 pytest "setuptools>=70" wheel
+	EXGRPO_NO_NATIVE=1 $(CORE)/bin/python -m pip install -q --no-build-isolation -e .
 	touch $(CORE_STAMP)
 
-demo: $(STAMP)
+demo: $(NATIVE_STAMP)
 	$(BIN)/python -m exgrpo demo $(ARGS)
 
 test: test-full test-core lint
 
-test-full: $(STAMP)
+test-full: $(NATIVE_STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
 
 test-core: $(CORE_STAMP)
 	$(CORE)/bin/python -c "import exgrpo_kernels, importlib.util as u; assert u.find_spec('transformers') is None"
-	TRITON_INTERPRET=1 $(CORE)/bin/python -m pytest -q -p no:cacheprovider $(KERNEL_TESTS)
+	EXGRPO_NO_NATIVE=1 TRITON_INTERPRET=1 $(CORE)/bin/python -m pytest -q -p no:cacheprovider $(KERNEL_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check kernels exgrpo bench tests
 
-bench: $(STAMP)
+bench: $(NATIVE_STAMP)
 	$(BIN)/python bench/bench_grpo_loss.py
 
 clean:
-	rm -rf $(VENV) $(CORE)
+	rm -rf $(VENV) $(CORE) build kernels/_C*.so

@@ -47,7 +47,7 @@ class StepContext:
     device: torch.device
     world: int = 1
     autocast_dtype: torch.dtype | None = None
-    kernel_backend: str = "auto"  # auto | triton | torch, for every fused kernel call
+    kernel_backend: str = "auto"  # auto | triton | native | torch, for every fused kernel call
     micro_batch_tokens: int = 8192
     ref: torch.nn.Module | None = None
     ref_from_adapters_off: bool = False  # LoRA: the reference is the policy with its adapters disabled

@@ -58,8 +58,9 @@ def _check_common(name, cfg):
         raise ValueError(f"{name}.parallel must be one of {parallel.PARALLEL}, got {cfg.parallel!r}")
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"{name}.precision must be one of {PRECISIONS}, got {cfg.precision!r}")
-    if cfg.kernel_backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"{name}.kernel_backend must be 'auto', 'triton' or 'torch', got {cfg.kernel_backend!r}")
+    if cfg.kernel_backend not in ("auto", "triton", "torch", "native"):
+        raise ValueError(f"{name}.kernel_backend must be 'auto', 'triton', 'torch' or 'native', got "
+                         f"{cfg.kernel_backend!r}")
     if cfg.micro_batch_tokens < 1:
         raise ValueError(f"{name}.micro_batch_tokens must be >= 1, got {cfg.micro_batch_tokens}")
 
@@ -80,7 +81,7 @@ class SFTConfig:
     log_every: int = 1  # steps between metric records
     seed: int = 0
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on the CPU) | bf16 (autocast anywhere) | fp32
-    kernel_backend: str = "auto"  # fused kernels: auto (Triton on CUDA, torch on the CPU) | triton | torch
+    kernel_backend: str = "auto"  # fused kernels: auto (Triton on CUDA; C++ on the CPU, else torch) | triton | native | torch
     parallel: str = "ddp"  # data parallelism under torchrun: ddp | fsdp2 (sharded weights, grads, optimizer state)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     progress: bool = True  # progress bar
@@ -131,7 +132,7 @@ class TrainConfig:
     log_samples: int = 2  # rollout dialogues per scenario written to samples.jsonl each step (0: none)
     seed: int = 0
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on the CPU) | bf16 | fp32
-    kernel_backend: str = "auto"  # fused kernels: auto | triton | torch
+    kernel_backend: str = "auto"  # fused kernels: auto | triton | native | torch
     parallel: str = "ddp"  # data parallelism under torchrun: ddp | fsdp2
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     vllm_sleep_level: int = 2  # colocated vLLM on CUDA during the training phase: 1 offload weights | 2 drop them

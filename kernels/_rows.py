@@ -12,7 +12,8 @@ In-package interface (the ops import these names; users call the public function
 * ``Tiles``: the GEMM side of a fused op: the [chunk, V] logits tile of a row range, and the grad-hidden /
   grad-weight GEMMs of its gradient (fp32 accumulation of grad-weight).
 
-Each chunk op has a ``backend`` argument: "triton" runs the kernels, "torch" the twin (the CPU path).
+Each chunk op has a ``backend`` argument: "triton" runs the kernels, "native" the exgrpo_native op (the C++ kernels
+of csrc/ on the CPU), "torch" the twin (the CPU path where the C++ library is not built).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _native
 from ._utils import IGNORE_INDEX, acc_dtype, addmm_fp32_, mm
 
 # H100 (bench/tune_rows.py, 2026-11-26, [1024, 151936] bf16 tile): BLOCK_V 4096 with 16 warps was the fastest sum of
@@ -181,30 +183,16 @@ def _check_rows(name: str, x: torch.Tensor, C: int) -> None:
 def chunk_stats(z: torch.Tensor, t: torch.Tensor, xf: LogitTransform, with_entropy: bool, backend: str):
     """Row statistics of a logits tile. z [C, V] any float dtype (raw GEMM output; rows may be strided, columns
     contiguous), t [C] int64 contiguous (-100 = no target), xf the logit transform (temperature etc.).
+    backend: "triton", "native" (the exgrpo_native::row_stats op: C++ on the CPU) or "torch" (the twin).
 
     Returns (logp [C] fp32, 0 where t == -100; lse [C] fp32; entropy [C] fp32 or None).
     """
-    C, V = z.shape
-    if backend == "triton":
-        _check_rows("t", t, C)
-        assert z.stride(1) == 1
-        logp = torch.full((C,), float("nan"), dtype=torch.float32, device=z.device)
-        lse = torch.full((C,), float("nan"), dtype=torch.float32, device=z.device)
-        ent = torch.full((C,), float("nan"), dtype=torch.float32, device=z.device) if with_entropy else lse
-        bv = block_v(V)
-        _stats_kernel[(C,)](z, z.stride(0), t, logp, lse, ent, V, *xf.args,
-                            BLOCK_V=bv, WITH_ENTROPY=with_entropy, HAS_CAP=bool(xf.softcap), num_warps=num_warps(bv))
-        return logp, lse, (ent if with_entropy else None)
-    zs = xf.apply(z)
-    lse = torch.logsumexp(zs, dim=-1)
-    valid = t != IGNORE_INDEX
-    zt = zs.gather(1, torch.where(valid, t, 0).unsqueeze(1)).squeeze(1)
-    logp = torch.where(valid, zt - lse, 0.0)
-    ent = None
-    if with_entropy:
-        p = torch.exp(zs - lse.unsqueeze(1))
-        ent = lse - torch.where(p > 0, p * zs, 0.0).sum(-1)
-    return logp, lse, ent
+    if backend == "torch":
+        return _stats_torch(z, t, xf, with_entropy)
+    _check_rows("t", t, z.shape[0])
+    fn = _stats_triton if backend == "triton" else _native.ops.row_stats
+    logp, lse, ent = fn(z, t, *xf.args, with_entropy)
+    return logp, lse, (ent if with_entropy else None)
 
 
 def chunk_grad_(z: torch.Tensor, t: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor | None,
@@ -217,18 +205,61 @@ def chunk_grad_(z: torch.Tensor, t: torch.Tensor, lse: torch.Tensor, ent: torch.
     gradient); all [C] vectors contiguous. Written into ``out`` (default: z itself, in place) and returned.
     """
     out = z if out is None else out
+    if backend == "torch":
+        return _grad_torch(z, t, lse, ent, c_l, c_h, xf, col0, out)
+    C = z.shape[0]
+    for name, x in (("t", t), ("lse", lse), ("c_l", c_l)) + ((("ent", ent), ("c_h", c_h)) if c_h is not None else ()):
+        _check_rows(name, x, C)
+    fn = _grad_triton if backend == "triton" else _native.ops.row_grad_
+    fn(z, t, lse, ent if c_h is not None else None, c_l, c_h, *xf.args, col0, out)
+    return out
+
+
+# the op implementations (signatures: kernels/_native.py SCHEMAS). CUDA and, under the interpreter, the CPU: Triton
+
+
+def _stats_triton(z, t, inv_tau: float, pre: float, cap: float, with_entropy: bool):
+    C, V = z.shape
+    assert z.stride(1) == 1
+    logp = torch.full((C,), float("nan"), dtype=torch.float32, device=z.device)
+    lse = torch.full((C,), float("nan"), dtype=torch.float32, device=z.device)
+    ent = torch.full((C,), float("nan"), dtype=torch.float32, device=z.device) if with_entropy else lse.new_empty(0)
+    bv = block_v(V)
+    _stats_kernel[(C,)](z, z.stride(0), t, logp, lse, ent if with_entropy else lse, V, inv_tau, pre, cap,
+                        BLOCK_V=bv, WITH_ENTROPY=with_entropy, HAS_CAP=cap > 0, num_warps=num_warps(bv))
+    return logp, lse, ent
+
+
+def _grad_triton(z, t, lse, ent, c_l, c_h, inv_tau: float, pre: float, cap: float, col0: int, out) -> None:
     C, V = z.shape
     with_h = c_h is not None
-    if backend == "triton":
-        for name, x in (("t", t), ("lse", lse), ("c_l", c_l)) + ((("ent", ent), ("c_h", c_h)) if with_h else ()):
-            _check_rows(name, x, C)
-        bv = block_v(V)
-        _grad_kernel[(C,)](z, z.stride(0), out, out.stride(0), t, lse, ent if with_h else lse, c_l,
-                           c_h if with_h else c_l, V, col0, *xf.args,
-                           BLOCK_V=bv, WITH_ENT_GRAD=with_h, HAS_CAP=bool(xf.softcap), num_warps=num_warps(bv))
-        return out
-    # torch twin, in place on an fp32 buffer (the CPU path): a few passes over the tile
-    buf = z if (out is z and z.dtype == torch.float32) else z.float()
+    bv = block_v(V)
+    _grad_kernel[(C,)](z, z.stride(0), out, out.stride(0), t, lse, ent if with_h else lse, c_l,
+                       c_h if with_h else c_l, V, col0, inv_tau, pre, cap,
+                       BLOCK_V=bv, WITH_ENT_GRAD=with_h, HAS_CAP=cap > 0, num_warps=num_warps(bv))
+
+
+# the torch twins: the CPU implementations where the C++ library is not built, and backend="torch"
+
+
+def _stats_torch(z, t, xf: LogitTransform, with_entropy: bool):
+    zs = xf.apply(z)
+    lse = torch.logsumexp(zs, dim=-1)
+    valid = t != IGNORE_INDEX
+    zt = zs.gather(1, torch.where(valid, t, 0).unsqueeze(1)).squeeze(1)
+    logp = torch.where(valid, zt - lse, 0.0)
+    ent = None
+    if with_entropy:
+        p = torch.exp(zs - lse.unsqueeze(1))
+        ent = lse - torch.where(p > 0, p * zs, 0.0).sum(-1)
+    return logp, lse, ent
+
+
+def _grad_torch(z, t, lse, ent, c_l, c_h, xf: LogitTransform, col0: int, out):
+    """In place on an fp32 buffer: a few passes over the tile."""
+    C, V = z.shape
+    with_h = c_h is not None
+    buf = z if (out is z and z.dtype == torch.float32) else z.to(torch.float32, copy=True)  # z stays unchanged
     dz = None  # dz'/dz where it is not a constant
     if xf.scale != 1.0:
         buf.mul_(xf.scale)
@@ -262,6 +293,21 @@ def chunk_grad_(z: torch.Tensor, t: torch.Tensor, lse: torch.Tensor, ent: torch.
     if out is not buf:
         out.copy_(buf)
     return out
+
+
+def _stats_twin_op(z, t, inv_tau, pre, cap, with_entropy):
+    logp, lse, ent = _stats_torch(z, t, LogitTransform(inv_tau, pre, cap or None), with_entropy)
+    return logp, lse, (ent if with_entropy else logp.new_empty(0))
+
+
+def _grad_twin_op(z, t, lse, ent, c_l, c_h, inv_tau, pre, cap, col0, out) -> None:
+    _grad_torch(z, t, lse, ent, c_l, c_h, LogitTransform(inv_tau, pre, cap or None), col0, out)
+
+
+_native.register("row_stats", "CUDA", _stats_triton)
+_native.register("row_grad_", "CUDA", _grad_triton)
+_native.register("row_stats", "CPU", _stats_twin_op)
+_native.register("row_grad_", "CPU", _grad_twin_op)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,12 +348,13 @@ class Tiles:
         self.b = None if bias is None else bias.to(zdt)
         n, H = h.shape
         self.grad_h = torch.full((n, H), float("nan"), dtype=hidden_dtype, device=h.device) if need_h else None
-        self.grad_w = torch.zeros(weight.shape, dtype=acc_dtype(weight), device=h.device) if need_w else None
+        self.need_w, self._w_shape, self._w_acc = need_w, weight.shape, acc_dtype(weight)
+        self.grad_w = None  # the first tile's product creates it (no zero-fill + read when GEMMs run in fp32)
         self.grad_b = torch.zeros(bias.shape, dtype=acc_dtype(bias), device=h.device) if (need_b and bias is not None) else None
 
     @property
     def any_grad(self) -> bool:
-        return self.grad_h is not None or self.grad_w is not None or self.grad_b is not None
+        return self.grad_h is not None or self.need_w or self.grad_b is not None
 
     def logits(self, s: int, e: int):
         """(h chunk in mdt, z [C, V] in zdt, g: the buffer the tile's gradient goes to (z itself when it can))."""
@@ -321,13 +368,20 @@ class Tiles:
     def backprop(self, g, s: int, e: int, hc) -> None:
         if self.grad_h is not None:
             self.grad_h[s:e] = mm(g, self.w).to(self.grad_h.dtype)
-        if self.grad_w is not None:
-            addmm_fp32_(self.grad_w, g.t(), hc)
+        if self.need_w:
+            if self.grad_w is None and g.dtype == self._w_acc:
+                self.grad_w = mm(g.t(), hc)
+            else:
+                if self.grad_w is None:
+                    self.grad_w = torch.zeros(self._w_shape, dtype=self._w_acc, device=hc.device)
+                addmm_fp32_(self.grad_w, g.t(), hc)
         if self.grad_b is not None:
             self.grad_b += g.sum(0, dtype=self.grad_b.dtype)
 
     def weight_grads(self, weight, bias):
         """(grad_weight in weight's dtype or None, grad_bias in bias's dtype or None)."""
+        if self.need_w and self.grad_w is None:  # no tile (no active row): a zero gradient
+            self.grad_w = torch.zeros(self._w_shape, dtype=self._w_acc, device=weight.device)
         gw = None if self.grad_w is None else self.grad_w.to(weight.dtype)
         gb = None if self.grad_b is None else self.grad_b.to(bias.dtype)
         return gw, gb

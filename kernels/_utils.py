@@ -11,8 +11,10 @@ if __package__ != "exgrpo_kernels":
     raise ImportError(f"{__name__} belongs to the package exgrpo_kernels (the folder kernels/, mapped by setup.py); "
                       f"import exgrpo_kernels, not {__package__}: `kernels` is Hugging Face's hub-kernels package")
 
+from . import _native  # noqa: E402  (after the guard: loads the C++ CPU kernels)
+
 IGNORE_INDEX = -100
-_BACKENDS = ("auto", "triton", "torch")
+_BACKENDS = ("auto", "triton", "torch", "native")
 BACKEND_ENV = "EXGRPO_KERNEL_BACKEND"  # forces the backend that "auto" resolves to (CI: triton under the interpreter)
 
 
@@ -22,8 +24,9 @@ def interpret_mode() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` -> ``triton`` on CUDA, ``torch`` elsewhere, unless ``$EXGRPO_KERNEL_BACKEND`` names one.
-    ``triton`` on a CPU tensor needs the interpreter."""
+    """``auto`` -> ``triton`` on CUDA; on the CPU ``native`` (the C++ kernels of csrc/) where they are built, else
+    ``torch`` (the torch twins); unless ``$EXGRPO_KERNEL_BACKEND`` names one. ``triton`` on a CPU tensor needs the
+    interpreter; ``native`` needs a CPU tensor and the built extension."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -32,7 +35,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             raise ValueError(f"${BACKEND_ENV} must be one of {_BACKENDS}, got {forced!r}")
         backend = forced
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        if device.type == "cuda":
+            return "triton"
+        return "native" if _native.AVAILABLE and device.type == "cpu" else "torch"
+    if backend == "native":
+        if device.type != "cpu":
+            raise ValueError(f"backend='native' is the C++ CPU backend, got a {device.type} tensor")
+        if not _native.AVAILABLE:
+            raise ValueError(f"backend='native': the C++ extension is not loaded: {_native.WHY_NOT}")
     if backend == "triton" and device.type != "cuda" and not interpret_mode():
         raise ValueError(
             f"backend='triton' on a {device.type} tensor needs TRITON_INTERPRET=1 set before triton is imported"

@@ -8,7 +8,8 @@ Matmul counts (one = [N, H] x [H, V]); see ``docs/kernels.md``:
     forward: every aggregation weight follows from the mask), then grad-hidden and grad-weight GEMMs;
     grad-weight accumulates in an fp32 [V, H] buffer.
   * sequence-level ratio (or sequence-level generator correction without old log-probs): 4. A first
-    pass gets every log-prob, the per-sequence statistic, then a second pass recomputes the tiles.
+    pass gets every log-prob, the per-sequence statistic, then a second pass recomputes the tiles (3 when every
+    active row fits one tile: the second pass takes the first pass's tile).
   * low_memory mode: 4. The forward reduces tiles to log-probs; the backward walks vocabulary slabs
     (grad-weight of a slab is one full-K GEMM, written once), so there is no fp32 [V, H] buffer.
   * a weight that does not require grad: 2 (3 with the sequence-level ratio).
@@ -25,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _native
 from ._rows import LogitTransform, Tiles, block_v, chunk_grad_, chunk_rows, chunk_stats, num_warps, row_grad, row_stats
 from ._utils import (
     FLOAT_DTYPES,
@@ -74,7 +76,8 @@ class GRPOLossConfig:
     compute_entropy: also report the mean entropy (a metric; costs no GEMM).
     fp32_logits: compute the logits tiles in fp32 (CUDA).
     chunk_size: rows per logits tile (None = automatic, about 512 MiB a tile on CUDA).
-    backend: "auto" (Triton on CUDA, chunked torch on the CPU), "triton", "torch".
+    backend: "auto" (Triton on CUDA; on the CPU the C++ kernels where built, else chunked torch), "triton",
+        "native", "torch".
     """
 
     loss_type: str = "dapo"
@@ -97,7 +100,7 @@ class GRPOLossConfig:
     def __post_init__(self):
         for name, allowed in (("loss_type", LOSS_TYPES), ("importance_sampling", IMPORTANCE_LEVELS),
                               ("kl_estimator", KL_ESTIMATORS), ("gen_correction", GEN_CORRECTIONS),
-                              ("memory_mode", MEMORY_MODES), ("backend", ("auto", "triton", "torch"))):
+                              ("memory_mode", MEMORY_MODES), ("backend", ("auto", "triton", "torch", "native"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GRPOLossConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not 0 <= self.eps_low < 1:
@@ -348,13 +351,7 @@ def _one_pass(a: _Active, tiles: Tiles, cfg: GRPOLossConfig, xf: LogitTransform,
         hc, z, g = tiles.logits(s, e)
         sl = slice(s, e)
         part = lambda x: None if x is None else x[sl]  # noqa: E731
-        if backend == "triton":
-            _launch_token_kernel(z, a.t[sl], a.sid[sl], a.adv, a.w_seq, seq_isw, part(a.old), part(a.ref), part(a.gen),
-                                 part(a.ext), out.logp[sl], out.ratio[sl], out.kl[sl], part(out.ent), out.jt[sl], cfg,
-                                 xf, need_grad)
-            if need_grad and g is not z:
-                g.copy_(z)
-        else:
+        if backend == "torch":
             lp, lse, en = chunk_stats(z, a.t[sl], xf, cfg.compute_entropy, backend)
             terms, c = _terms_with_grad(lp, need_grad, old=part(a.old), ref=part(a.ref), gen=part(a.gen),
                                         adv=a.adv[a.sid[sl]], w=a.w_seq[a.sid[sl]], seq_ids=a.sid[sl], num_seqs=S,
@@ -364,6 +361,16 @@ def _one_pass(a: _Active, tiles: Tiles, cfg: GRPOLossConfig, xf: LogitTransform,
                 out.ent[sl] = en
             if need_grad:
                 chunk_grad_(z, a.t[sl], lse, None, c, None, xf, backend, out=g)
+        else:  # one pass per row: the Triton kernel, or exgrpo_native::grpo_token_rows_ (C++ on the CPU)
+            fn = _token_rows_triton if backend == "triton" else _native.ops.grpo_token_rows_
+            lp, rho, kl, en, jt = fn(z, a.t[sl], a.sid[sl], a.adv, a.w_seq, seq_isw, part(a.old), part(a.ref),
+                                     part(a.gen), part(a.ext), *xf.args, *_policy_args(cfg), cfg.compute_entropy,
+                                     need_grad)
+            out.logp[sl], out.ratio[sl], out.kl[sl], out.jt[sl] = lp, rho, kl, jt
+            if out.ent is not None:
+                out.ent[sl] = en
+            if need_grad and g is not z:
+                g.copy_(z)
         if need_grad:
             tiles.backprop(g, s, e, hc)
         del hc, z, g  # the next tile's GEMM must not find this one still alive (peak memory: one tile)
@@ -373,15 +380,21 @@ def _one_pass(a: _Active, tiles: Tiles, cfg: GRPOLossConfig, xf: LogitTransform,
 def _two_pass(a: _Active, tiles: Tiles, cfg: GRPOLossConfig, xf: LogitTransform, backend: str, chunk: int,
               need_grad: bool, recompute: bool):
     """Pass 1: every log-prob (1 GEMM), then the loss terms over all tokens (sequence statistics need them
-    all); pass 2 (``recompute``): each tile again, to the gradients (3 GEMMs). Returns (out, lse, c)."""
+    all); pass 2 (``recompute``): each tile again, to the gradients (3 GEMMs). When every active row fits one tile,
+    pass 2 takes pass 1's tile instead of recomputing it (3 GEMMs in all, the same one-tile peak).
+    Returns (out, lse, c)."""
     n, S = a.n, a.adv.shape[0]
     out = _TokenOut.empty(n, a.h.device, cfg.compute_entropy)
     lse = torch.full_like(out.logp, float("nan"))
+    keep = need_grad and recompute and n <= chunk
+    kept = None
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
-        _, z, _ = tiles.logits(s, e)
+        hc, z, g = tiles.logits(s, e)
         lp, ls, en = chunk_stats(z, a.t[s:e], xf, cfg.compute_entropy, backend)
-        del z
+        if keep:
+            kept = (hc, z, g)
+        del hc, z, g
         out.logp[s:e], lse[s:e] = lp, ls
         if out.ent is not None:
             out.ent[s:e] = en
@@ -391,7 +404,8 @@ def _two_pass(a: _Active, tiles: Tiles, cfg: GRPOLossConfig, xf: LogitTransform,
     if need_grad and recompute:
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            hc, z, g = tiles.logits(s, e)
+            hc, z, g = kept if kept is not None else tiles.logits(s, e)
+            kept = None
             chunk_grad_(z, a.t[s:e], lse[s:e], None, c[s:e].contiguous(), None, xf, backend, out=g)
             tiles.backprop(g, s, e, hc)
             del hc, z, g
@@ -563,20 +577,52 @@ def _grpo_backward(ctx, grads):
 _grpo_op.register_autograd(_grpo_backward, setup_context=_grpo_setup)
 
 
-def _launch_token_kernel(z, t, sid, adv, w_seq, seq_isw, old, ref, gen, ext, logp, ratio, kl, ent, jt, cfg,
-                         xf: LogitTransform, compute_grad):
-    C, V = z.shape
-    bv = block_v(V)
+def _policy_args(cfg: GRPOLossConfig):
+    """The token kernel's scalars: (eps_low, eps_high, delta or 0, beta, is_cap, kl_est 1..3, is_mode 0..2)."""
     is_mode = {"off": 0, "token_truncate": 1, "sequence_truncate": 2}[cfg.gen_correction]
+    return (float(cfg.eps_low), float(cfg.eps_high), float(cfg.delta or 0.0), float(cfg.beta),
+            float(cfg.gen_correction_cap), int(cfg.kl_estimator[1]), is_mode)
+
+
+# exgrpo_native::grpo_token_rows_ (schema: _native.SCHEMAS): the token-level rows of the loss on one logits tile z
+# [C, V]: -> (logp, ratio, kl, entropy or [0], j) [C] fp32; with compute_grad, z becomes dJ/dz in place.
+
+
+def _token_rows_triton(z, t, sid, adv, w_seq, seq_isw, old, ref, gen, ext, inv_tau: float, pre: float, cap: float,
+                       eps_low: float, eps_high: float, delta: float, beta: float, is_cap: float, kl_est: int,
+                       is_mode: int, with_entropy: bool, compute_grad: bool):
+    C, V = z.shape
+    f = lambda n: torch.full((n,), float("nan"), dtype=torch.float32, device=z.device)  # noqa: E731
+    logp, ratio, kl, jt, ent = f(C), f(C), f(C), f(C), f(C if with_entropy else 0)
+    bv = block_v(V)
     dummy = logp
     _grpo_token_kernel[(C,)](
         z, z.stride(0), t, sid, adv, w_seq, dummy if seq_isw is None else seq_isw,
         dummy if old is None else old, dummy if ref is None else ref, dummy if gen is None else gen,
-        dummy if ext is None else ext, logp, ratio, kl, dummy if ent is None else ent, jt, V, *xf.args,
-        float(cfg.eps_low), float(cfg.eps_high), float(cfg.delta or 0.0), float(cfg.beta), float(cfg.gen_correction_cap),
-        HAS_OLD=old is not None, HAS_REF=ref is not None, HAS_DELTA=cfg.delta is not None, HAS_EXT=ext is not None,
-        KL_EST=int(cfg.kl_estimator[1]), IS_MODE=is_mode, WITH_ENTROPY=ent is not None,
-        COMPUTE_GRAD=compute_grad, BLOCK_V=bv, HAS_CAP=bool(xf.softcap), num_warps=num_warps(bv))
+        dummy if ext is None else ext, logp, ratio, kl, ent if with_entropy else dummy, jt, V, inv_tau, pre, cap,
+        eps_low, eps_high, delta, beta, is_cap,
+        HAS_OLD=old is not None, HAS_REF=ref is not None, HAS_DELTA=delta > 0, HAS_EXT=ext is not None,
+        KL_EST=kl_est, IS_MODE=is_mode, WITH_ENTROPY=with_entropy,
+        COMPUTE_GRAD=compute_grad, BLOCK_V=bv, HAS_CAP=cap > 0, num_warps=num_warps(bv))
+    return logp, ratio, kl, ent, jt
+
+
+def _token_rows_twin(z, t, sid, adv, w_seq, seq_isw, old, ref, gen, ext, inv_tau: float, pre: float, cap: float,
+                     eps_low: float, eps_high: float, delta: float, beta: float, is_cap: float, kl_est: int,
+                     is_mode: int, with_entropy: bool, compute_grad: bool):
+    xf = LogitTransform(inv_tau, pre, cap or None)
+    cfg = GRPOLossConfig(eps_low=eps_low, eps_high=eps_high, delta=delta or None, beta=beta, gen_correction_cap=is_cap,
+                         kl_estimator=f"k{kl_est}", gen_correction=GEN_CORRECTIONS[is_mode])
+    lp, lse, en = chunk_stats(z, t, xf, with_entropy, "torch")
+    terms, c = policy_terms(lp, old=old, ref=ref, gen=gen, adv=adv[sid], w=w_seq[sid], seq_ids=sid,
+                            num_seqs=adv.shape[0], cfg=cfg, seq_isw=seq_isw, ext=ext, need_grad=compute_grad)
+    if compute_grad:
+        chunk_grad_(z, t, lse, None, c, None, xf, "torch")
+    return lp, terms["ratio"], terms["kl"], (en if with_entropy else lp.new_empty(0)), terms["j"]
+
+
+_native.register("grpo_token_rows_", "CUDA", _token_rows_triton)
+_native.register("grpo_token_rows_", "CPU", _token_rows_twin)
 
 
 def grpo_metrics(active, logp, ratio, kl, ent, adv_tok, gen_diff, cfg: GRPOLossConfig, has_ref: bool) -> dict:

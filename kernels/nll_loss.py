@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _native
 from ._rows import LogitTransform, Tiles, block_v, chunk_grad_, chunk_rows, chunk_stats, num_warps, row_grad, row_stats
 from ._utils import (IGNORE_INDEX, check_head, check_hidden_weight_targets, dense_1d, gemm_dtype, resolve_backend,
                      scale_grads_)
@@ -29,16 +30,40 @@ REDUCTIONS = ("mean", "sum")
 
 
 @triton.jit
-def _nll_kernel(Z, stride_z, T, NLL, V, inv_tau, pre, cap, scale, COMPUTE_GRAD: tl.constexpr,
-                BLOCK_V: tl.constexpr, HAS_CAP: tl.constexpr):
-    # l = log softmax(z')[t];  NLL_row = -l;  in place: x <- dJ/dx = -scale (onehot - p) dz'/dx
+def _nll_kernel(Z, stride_z, T, C_L, LOGP, LSE, V, inv_tau, pre, cap, BLOCK_V: tl.constexpr, HAS_CAP: tl.constexpr):
+    # l = log softmax(z')[t];  in place: x <- dJ/dx = c_l (onehot - p) dz'/dx   (NLL: c_l = -1 / denominator)
     row = tl.program_id(0).to(tl.int64)
     t = tl.load(T + row)
     zrow = Z + row * stride_z
     lse, l, ent = row_stats(zrow, V, t, inv_tau, pre, cap, BLOCK_V, False, HAS_CAP)
-    tl.store(NLL + row, -l)
-    if COMPUTE_GRAD:
-        row_grad(zrow, zrow, V, 0, t, inv_tau, pre, cap, lse, ent, -scale, 0.0, BLOCK_V, False, HAS_CAP)
+    tl.store(LOGP + row, l)
+    tl.store(LSE + row, lse)
+    row_grad(zrow, zrow, V, 0, t, inv_tau, pre, cap, lse, ent, tl.load(C_L + row), 0.0, BLOCK_V, False, HAS_CAP)
+
+
+# exgrpo_native::row_stats_grad_ (schema: _native.SCHEMAS): per row of z [C, V] (every t a target), the log-prob and
+# log-sum-exp, and z <- dJ/dz for J = sum_rows c_l l. -> (logp [C], lse [C]) fp32
+
+
+def _stats_grad_triton(z, t, c_l, inv_tau: float, pre: float, cap: float):
+    C, V = z.shape
+    logp = torch.full((C,), float("nan"), dtype=torch.float32, device=z.device)
+    lse = torch.full_like(logp, float("nan"))
+    bv = block_v(V)
+    _nll_kernel[(C,)](z, z.stride(0), t, c_l, logp, lse, V, inv_tau, pre, cap, BLOCK_V=bv, HAS_CAP=cap > 0,
+                      num_warps=num_warps(bv))
+    return logp, lse
+
+
+def _stats_grad_twin(z, t, c_l, inv_tau: float, pre: float, cap: float):
+    xf = LogitTransform(inv_tau, pre, cap or None)
+    lp, lse, _ = chunk_stats(z, t, xf, False, "torch")
+    chunk_grad_(z, t, lse, None, c_l, None, xf, "torch")
+    return lp, lse
+
+
+_native.register("row_stats_grad_", "CUDA", _stats_grad_triton)
+_native.register("row_stats_grad_", "CPU", _stats_grad_twin)
 
 
 @torch.library.custom_op("exgrpo::nll", mutates_args=())
@@ -64,19 +89,19 @@ def _nll_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, b
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             hc, z, g = tiles.logits(s, e)
-            if backend == "triton":
-                C, V = z.shape
-                bv = block_v(V)
-                _nll_kernel[(C,)](z, z.stride(0), t[s:e], nll[s:e], V, *xf.args, k, COMPUTE_GRAD=grad, BLOCK_V=bv,
-                                  HAS_CAP=bool(xf.softcap), num_warps=num_warps(bv))
-                if grad and g is not z:
+            c = torch.full((e - s,), -k, dtype=torch.float32, device=dev)
+            if backend == "torch":
+                lp, lse, _ = chunk_stats(z, t[s:e], xf, False, backend)
+                if grad:
+                    chunk_grad_(z, t[s:e], lse, None, c, None, xf, backend, out=g)
+            elif grad:  # one pass per row: statistics, then the row's gradient while it is in cache
+                fn = _stats_grad_triton if backend == "triton" else _native.ops.row_stats_grad_
+                lp, _ = fn(z, t[s:e], c, *xf.args)
+                if g is not z:
                     g.copy_(z)
             else:
-                lp, lse, _ = chunk_stats(z, t[s:e], xf, False, backend)
-                nll[s:e] = -lp
-                if grad:
-                    chunk_grad_(z, t[s:e], lse, None, torch.full((e - s,), -k, dtype=torch.float32, device=dev), None,
-                                xf, backend, out=g)
+                lp, _, _ = chunk_stats(z, t[s:e], xf, False, backend)
+            nll[s:e] = -lp
             if grad:
                 tiles.backprop(g, s, e, hc)
             del hc, z, g

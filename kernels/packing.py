@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import IGNORE_INDEX, interpret_mode
+from . import _native
+from ._utils import IGNORE_INDEX, interpret_mode, resolve_backend
 
 
 @dataclass
@@ -135,21 +136,36 @@ def pack_sequences(sequences, lengths: torch.Tensor | None = None, *, token_mask
         token_mask: which tokens are trained on (e.g. assistant content), same form as sequences (list of
             1-D bool/int tensors, or flat [N]). Position i gets loss_mask = token_mask[i + 1] (it predicts
             token i + 1); None: every position that has a target.
-        backend: "auto" (Triton on CUDA and under TRITON_INTERPRET=1, the torch reference otherwise),
-            "triton" or "torch".
+        backend: "auto" (Triton on CUDA and under TRITON_INTERPRET=1; on the CPU the C++ kernel where built, else
+            the vectorised torch path), "triton", "native" or "torch".
 
     Returns:
         PackedBatch (fields documented there) on the device of the input.
     """
     tokens, lengths, tmask = _flatten(sequences, lengths, token_mask)
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be one of ('auto', 'triton', 'torch'), got {backend!r}")
-    use_triton = backend == "triton" or (backend == "auto" and (tokens.is_cuda or interpret_mode()))
-    if not use_triton:
+    if backend not in ("auto", "triton", "torch", "native"):
+        raise ValueError(f"backend must be one of ('auto', 'triton', 'torch', 'native'), got {backend!r}")
+    if backend == "auto":
+        backend = ("triton" if (tokens.is_cuda or interpret_mode()) else
+                   "native" if (_native.AVAILABLE and tokens.device.type == "cpu") else "torch")
+    if backend == "native":
+        resolve_backend("native", tokens.device)  # the clear error where it cannot run
+    if backend == "torch":
         return _pack_torch(tokens, lengths, tmask)
-    S, N, dev = lengths.numel(), tokens.numel(), tokens.device
+    S, dev = lengths.numel(), tokens.device
     cu = torch.zeros(S + 1, dtype=torch.int32, device=dev)
     torch.cumsum(lengths, 0, out=cu[1:])
+    fn = _pack_triton if backend == "triton" else _native.ops.pack
+    ids, pos, tgt, seq, lmask = fn(tokens.contiguous(), cu, None if tmask is None else tmask.contiguous().bool())
+    return PackedBatch(ids, pos, tgt, seq, lmask, cu, lengths, int(lengths.max()) if S else 0)
+
+
+# exgrpo_native::pack (schema: _native.SCHEMAS): tokens [N] int, cu [S+1] int32, token_mask [N] bool or None ->
+# (ids, pos, targets, seq_ids [N] int64, loss_mask [N] bool)
+
+
+def _pack_triton(tokens, cu, tmask):
+    N, S, dev = tokens.numel(), cu.numel() - 1, tokens.device
     out = {k: torch.full((N,), -7, dtype=torch.int64, device=dev) for k in ("ids", "pos", "tgt", "seq")}
     lmask = torch.full((N,), 2, dtype=torch.int8, device=dev)  # poison: neither 0 nor 1
     if N:
@@ -157,8 +173,16 @@ def pack_sequences(sequences, lengths: torch.Tensor | None = None, *, token_mask
         _pack_kernel[(triton.cdiv(N, BLOCK),)](
             tokens, tokens if tmask is None else tmask, cu, S, N, out["ids"], out["pos"], out["tgt"], out["seq"], lmask,
             HAS_MASK=tmask is not None, LOG_S=max(1, int(S).bit_length() + 1), BLOCK=BLOCK)
-    return PackedBatch(out["ids"], out["pos"], out["tgt"], out["seq"], lmask.view(torch.bool), cu, lengths,
-                       int(lengths.max()) if S else 0)
+    return out["ids"], out["pos"], out["tgt"], out["seq"], lmask.view(torch.bool)
+
+
+def _pack_twin(tokens, cu, tmask):
+    b = _pack_torch(tokens, (cu[1:] - cu[:-1]).long(), tmask)
+    return b.input_ids, b.position_ids, b.targets, b.seq_ids, b.loss_mask
+
+
+_native.register("pack", "CUDA", _pack_triton)
+_native.register("pack", "CPU", _pack_twin)
 
 
 def _pack_torch(tokens, lengths, tmask) -> PackedBatch:

@@ -1,9 +1,19 @@
 """Error measures shared by the kernel tests: relative L2 error against a float64 ground truth, and the
 tolerance rule of TARGETS.md (no worse than 2x torch's own low-precision pipeline, with a per-dtype floor
 that a wrong formula, index or scale exceeds by orders of magnitude)."""
+import pytest
 import torch
 
+from exgrpo_kernels import _native
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# every kernel test runs on each backend: Triton (the interpreter on the CPU), the torch twin, and the C++ CPU kernels
+# (csrc/) where built; tests/test_native.py fails if they should have been built and were not
+NATIVE = pytest.param("native", marks=pytest.mark.skipif(
+    DEVICE.type != "cpu" or not _native.AVAILABLE,
+    reason=f"the native backend runs CPU tensors and needs exgrpo_kernels._C ({_native.WHY_NOT})"))
+BACKENDS = ["triton", "torch", NATIVE]
 
 FLOOR = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 

@@ -16,7 +16,8 @@ import exgrpo_kernels._rows as rows
 from exgrpo.model import ModelConfig, PolicyHidden, build_student
 from exgrpo.steps import GRPOInputs, StepContext, autocast_dtype, grpo_update, policy_logprobs, sft_backward
 from exgrpo_kernels import GRPOLossConfig, grpo_loss_reference, logprobs_reference, nll_loss_reference
-from tests.numerics import DEVICE, GemmRecorder, rel_err
+from exgrpo_kernels import _native
+from tests.numerics import BACKENDS, DEVICE, GemmRecorder, rel_err
 
 TINY = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2)
 V = 259  # the byte tokenizer's vocabulary
@@ -25,6 +26,10 @@ V = 259  # the byte tokenizer's vocabulary
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     monkeypatch.setattr(rows, "MAX_BLOCK_V", 64)  # V = 259 spans 5 blocks
+
+
+# the trainer's steps on each backend: triton (forced as CI forces it), the torch twin, the C++ CPU kernels where built
+STEP_BACKENDS = ("triton", "torch") + (("native",) if (_native.AVAILABLE and DEVICE.type == "cpu") else ())
 
 
 def _seqs(S, seed, lo=5, hi=18):
@@ -81,7 +86,7 @@ def _compare(got, want, tol, what):
 def test_sft_step_triton_equals_torch_and_full_logits(monkeypatch):
     seqs, _ = _seqs(7, 0)
     out = {}
-    for backend in ("triton", "torch"):
+    for backend in STEP_BACKENDS:
         model, _ = build_student(TINY, seed=0, device=DEVICE)
         stats = sft_backward(_ctx(model, backend, monkeypatch), seqs)
         assert stats.finite
@@ -92,7 +97,8 @@ def test_sft_step_triton_equals_torch_and_full_logits(monkeypatch):
     nll_loss_reference(h, model.lm_head.weight, torch.where(lm, t, -100), num_global_tokens=n).backward()
     plain = _grads(model)
     assert len(plain) == len(list(model.parameters()))
-    _compare(out["triton"], out["torch"], 1e-5, "sft triton vs torch")
+    for b in STEP_BACKENDS[1:]:
+        _compare(out["triton"], out[b], 1e-5, f"sft triton vs {b}")
     _compare(out["triton"], plain, 1e-4, "sft triton vs full logits")
 
 
@@ -126,15 +132,16 @@ def test_grpo_step_with_aux_triton_equals_torch_and_full_logits(monkeypatch, imp
     cfg = GRPOLossConfig(loss_type="dapo", beta=0.04, temperature=0.9, importance_sampling=importance,
                          compute_entropy=True)
     out = {}
-    for backend in ("triton", "torch"):
+    for backend in STEP_BACKENDS:
         model, _ = build_student(TINY, seed=0, device=DEVICE)
         ref_model, _ = build_student(TINY, seed=5, device=DEVICE)
         res, seen, _ = _grpo_step(model, backend, monkeypatch, seqs, adv, gen, aux, cfg, ref_model=ref_model)
         out[backend] = (res, seen[0])
-    _compare(out["triton"][1], out["torch"][1], 1e-5, "grpo+aux triton vs torch")
-    assert out["triton"][0].loss == pytest.approx(out["torch"][0].loss, rel=1e-5)
-    for k, v in out["torch"][0].metrics.items():
-        assert out["triton"][0].metrics[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    for b in STEP_BACKENDS[1:]:
+        _compare(out["triton"][1], out[b][1], 1e-5, f"grpo+aux triton vs {b}")
+        assert out["triton"][0].loss == pytest.approx(out[b][0].loss, rel=1e-5)
+        for k, v in out[b][0].metrics.items():
+            assert out["triton"][0].metrics[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (b, k)
     # the plain implementation: full logits, per sequence, the reference formulas
     model, _ = build_student(TINY, seed=0, device=DEVICE)
     ref_model, _ = build_student(TINY, seed=5, device=DEVICE)
@@ -159,15 +166,16 @@ def test_old_logprob_pass_of_two_updates(monkeypatch):
     gen = [-torch.rand(len(s[0]), generator=g) for s in seqs]
     cfg = GRPOLossConfig(loss_type="grpo", beta=0.0, temperature=0.8, eps_low=0.1, eps_high=0.1)
     out = {}
-    for backend in ("triton", "torch"):
+    for backend in STEP_BACKENDS:
         model, _ = build_student(TINY, seed=0, device=DEVICE)
         res, seen, x = _grpo_step(model, backend, monkeypatch, seqs, adv, gen, [], cfg, updates=2)
         assert len(seen) == 2 and x.old_logp is not None
         out[backend] = (seen, x.old_logp, res)
-    for a, b in zip(out["triton"][1], out["torch"][1]):
-        assert torch.allclose(a, b, atol=1e-5)
-    for i in range(2):
-        _compare(out["triton"][0][i], out["torch"][0][i], 1e-5, f"update {i}")
+    for be in STEP_BACKENDS[1:]:
+        for a, b in zip(out["triton"][1], out[be][1]):
+            assert torch.allclose(a, b, atol=1e-5)
+        for i in range(2):
+            _compare(out["triton"][0][i], out[be][0][i], 1e-5, f"update {i} triton vs {be}")
     # old log-probs equal the plain model's log-probs of each token; the second update's gradient is that of the
     # clipped loss at the moved weights with those old log-probs (full-logits reference)
     model, _ = build_student(TINY, seed=0, device=DEVICE)
@@ -193,7 +201,7 @@ def test_old_logprob_pass_of_two_updates(monkeypatch):
     _compare(out["triton"][0][1], _grads(model), 1e-4, "update 1 vs full logits")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_autocast_through_the_trainer(monkeypatch, backend):
     """precision=bf16 (what 'auto' does on CUDA) on an fp32 student: the vocabulary GEMMs receive bf16, the
     parameters' gradients are fp32; for SFT and for a GRPO step."""

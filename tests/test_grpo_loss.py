@@ -8,7 +8,7 @@ import torch
 
 from exgrpo_kernels import GRPOLossConfig, fused_linear_grpo_loss, grpo_loss_reference, logprobs_reference
 from exgrpo_kernels.grpo_loss import LOSS_TYPES
-from tests.numerics import DEVICE, make_inputs, rel_err, tolerance
+from tests.numerics import BACKENDS, DEVICE, make_inputs, rel_err, tolerance
 
 
 def make_batch(N=41, H=12, V=263, S=6, dtype=torch.float32, seed=0, empty_seq=True):
@@ -76,7 +76,7 @@ BASE = GRPOLossConfig(temperature=0.8, eps_low=0.2, eps_high=0.28, beta=0.04, ch
                       max_completion_length=16, compute_entropy=True)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss_type,importance,kl", list(itertools.product(
     ("grpo", "bnpo", "dr_grpo", "dapo"), ("token", "sequence"), ("k1", "k2", "k3"))))
 def test_matrix_against_float64(backend, loss_type, importance, kl):
@@ -85,7 +85,7 @@ def test_matrix_against_float64(backend, loss_type, importance, kl):
     check(b, cfg)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("memory_mode", ["fast", "low_memory"])
 @pytest.mark.parametrize("variant", ["plain", "no_old", "no_ref", "delta", "token_tis", "seq_tis", "seq_tis_no_old",
                                      "frozen", "fp32_logits", "num_global", "chunk1", "big_chunk"])
@@ -118,7 +118,7 @@ def test_options_against_float64(backend, memory_mode, variant):
     check(b, cfg, frozen=frozen, **over)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("importance", ["token", "sequence"])
 def test_low_precision_inputs(backend, dtype, importance):
@@ -127,7 +127,7 @@ def test_low_precision_inputs(backend, dtype, importance):
     assert ours[2].dtype == dtype and ours[3].dtype == dtype and ours[0].dtype == torch.float32
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_micro_batches_sum_to_the_global_batch(backend):
     # dapo with num_global_tokens: two micro-batches give the loss and gradients of the whole batch
     b = make_batch(N=40, S=4, seed=3, empty_seq=False)
@@ -149,7 +149,7 @@ def test_micro_batches_sum_to_the_global_batch(backend):
     assert torch.allclose(gh, full[2], rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nothing_masked_in_gives_zero_loss_and_zero_grads(backend):
     b = make_batch(seed=2)
     b["loss_mask"] = torch.zeros_like(b["loss_mask"])
@@ -158,7 +158,7 @@ def test_nothing_masked_in_gives_zero_loss_and_zero_grads(backend):
     assert torch.all(gh == 0) and torch.all(gw == 0)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_unmasked_rows_get_no_gradient(backend):
     b = make_batch(seed=4)
     _, _, gh, _ = run(fused_linear_grpo_loss, b, BASE.replace(backend=backend))
@@ -166,7 +166,7 @@ def test_unmasked_rows_get_no_gradient(backend):
     assert torch.all(gh[inactive] == 0) and gh[~inactive].abs().sum() > 0
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_in_hidden_gives_nan_loss(backend):
     b = make_batch(seed=6)
     row = int((b["loss_mask"] & (b["targets"] != -100)).nonzero()[0, 0])

@@ -11,9 +11,8 @@ import torch
 import exgrpo_kernels._rows as rows
 from exgrpo_kernels import (GRPOLossConfig, fused_linear_grpo_loss, fused_linear_logprobs, fused_linear_nll_loss,
                             grpo_loss_reference, logprobs_reference, nll_loss_reference)
-from tests.numerics import DEVICE, make_inputs, rel_err, tolerance
+from tests.numerics import BACKENDS, DEVICE, make_inputs, rel_err, tolerance
 
-BACKENDS = ["triton", "torch"]
 HEADS = [dict(softcap=None, logit_scale=1.0), dict(softcap=2.5, logit_scale=1.0), dict(softcap=None, logit_scale=0.6),
          dict(softcap=3.0, logit_scale=1.7)]
 

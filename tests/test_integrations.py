@@ -174,8 +174,12 @@ def test_trl_grpo_trainer_two_steps_match(tmp_path):
 
     stock, log_stock = train(trl.GRPOTrainer, tmp_path / "stock")
     ours, log_ours = train(GRPOTrainer, tmp_path / "ours")
+    # AdamW divides each element's gradient by its own running scale, so an element whose gradient is float noise
+    # (a head row of a token never sampled) moves by up to lr either way: float-order differences between TRL's
+    # full-logits path and ours reach 3.5e-5 on one of 8288 head elements (native backend); a wrong gradient moves
+    # elements by O(lr) = 5e-2.
     for n in stock:
-        assert torch.allclose(stock[n], ours[n], rtol=1e-4, atol=1e-5), n
+        assert torch.allclose(stock[n], ours[n], rtol=1e-4, atol=2e-4), n
     losses = [(a.get("loss"), b.get("loss")) for a, b in zip(log_stock, log_ours) if "loss" in a]
     assert losses and all(a == pytest.approx(b, rel=1e-4, abs=1e-6) for a, b in losses)
 

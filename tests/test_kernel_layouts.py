@@ -9,9 +9,8 @@ import torch
 import exgrpo_kernels._rows as rows
 from exgrpo_kernels import (GRPOLossConfig, fused_linear_grpo_loss, fused_linear_logprobs, fused_linear_nll_loss,
                             grpo_loss_reference, logprobs_reference, nll_loss_reference)
-from tests.numerics import DEVICE, GemmRecorder, make_inputs, rel_err, tolerance
+from tests.numerics import BACKENDS, DEVICE, GemmRecorder, make_inputs, rel_err, tolerance
 
-BACKENDS = ["triton", "torch"]
 
 
 @pytest.fixture
@@ -216,7 +215,8 @@ def test_nll_reductions_frozen_weight_and_errors(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gemm_counts(backend):
-    """The SFT loss takes 3 vocabulary GEMMs (2 with a frozen head); -logprobs.sum() takes 4; GRPO fast 3."""
+    """The SFT loss takes 3 vocabulary GEMMs (2 with a frozen head); -logprobs.sum() takes 4; GRPO fast 3, sequence
+    level 4 (3 in one tile)."""
     N, H, V = 24, 8, 97
     hidden, weight = make_inputs(N, H, V, torch.float32, seed=0)
     targets = torch.randint(0, V, (N,), device=DEVICE)
@@ -238,6 +238,9 @@ def test_gemm_counts(backend):
     assert units(lambda h, w: fused_linear_grpo_loss(h, w, targets, seq, adv, mask, cfg)[0]) == 3
     assert units(lambda h, w: fused_linear_grpo_loss(h, w, targets, seq, adv, mask,
                                                      cfg.replace(importance_sampling="sequence"))[0]) == 4
+    # every row in one tile: the sequence-level pass 2 takes pass 1's tile
+    one_tile = cfg.replace(importance_sampling="sequence", chunk_size=N)
+    assert units(lambda h, w: fused_linear_grpo_loss(h, w, targets, seq, adv, mask, one_tile)[0]) == 3
 
 
 # ----------------------------------------------------------------------------------------------------- autocast

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from exgrpo_kernels import fused_linear_logprobs, logprobs_reference
-from tests.numerics import DEVICE, make_inputs, rel_err, tolerance
+from tests.numerics import BACKENDS, DEVICE, make_inputs, rel_err, tolerance
 
 SHAPES = [  # N, H, V, chunk: V not a power of two, N not a multiple of the chunk, chunks of 1
     (37, 24, 301, 8),
@@ -21,7 +21,7 @@ def _targets(N, V, seed):
     return t.to(DEVICE)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -51,7 +51,7 @@ def test_logprobs_entropy_and_grads_match_float64(backend, dtype, shape, tempera
     assert torch.all(ours[0] <= 1e-6), "a log-prob above 0"
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_all_negative_logits_and_extreme_values(backend):
     # every logit strongly negative: a max initialised to 0 instead of -inf would break this
     N, H, V = 9, 4, 77
@@ -69,7 +69,7 @@ def test_all_negative_logits_and_extreme_values(backend):
     assert torch.isfinite(lp2).all() and rel_err(lp2, ref2) < 1e-5
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_grad_pass_and_chunk_invariance(backend):
     hidden, weight = make_inputs(50, 16, 333, torch.float32, seed=3)
     targets = _targets(50, 333, 3)
@@ -89,7 +89,7 @@ def test_frozen_weight_gets_no_grad():
     assert hidden.grad is not None and weight.grad is None
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_hidden_gives_nan(backend):
     hidden, weight = make_inputs(6, 8, 40, torch.float32)
     hidden[2, 3] = float("nan")

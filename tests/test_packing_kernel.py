@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from exgrpo_kernels import PackedBatch, pack_sequences, pack_sequences_reference, unpack
-from tests.numerics import DEVICE
+from tests.numerics import BACKENDS, DEVICE
 
 
 def ragged(S, seed, max_len=40, huge=None, empty_every=5):
@@ -22,7 +22,7 @@ def ragged(S, seed, max_len=40, huge=None, empty_every=5):
 CASES = [(1, 0, None), (7, 1, None), (64, 2, 3000), (5000, 3, None), (33, 4, None)]
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("S,seed,huge", CASES)
 @pytest.mark.parametrize("with_mask", [True, False])
 def test_pack_matches_reference(backend, S, seed, huge, with_mask):
@@ -45,7 +45,7 @@ def test_pack_matches_reference(backend, S, seed, huge, with_mask):
     assert torch.equal(flat.targets.cpu(), ref["targets"]) and torch.equal(flat.loss_mask.cpu(), ref["loss_mask"])
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_unpack_round_trip(backend):
     seqs, _ = ragged(23, 9)
     b = pack_sequences([x.to(DEVICE) for x in seqs], backend=backend)
