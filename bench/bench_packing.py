@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from bench.bench_grpo_loss import environment  # noqa: E402
 from exgrpo.attention import packed_model_kwargs, use_packed_attention  # noqa: E402
-from exgrpo_kernels import pack_sequences, pack_sequences_reference, unpack  # noqa: E402
+from exgrpo_kernels import _native, pack_sequences, pack_sequences_reference, unpack  # noqa: E402
 
 
 def long_tailed_lengths(n, lo, hi, seed=0, alpha=1.1):
@@ -86,12 +86,22 @@ def bench_pack(device, n=4096):
     vals = torch.randn(flat.numel(), device=device)
     b = pack_sequences(flat, lt, token_mask=flat_mask)
 
-    res = {"num_dialogues": n, "num_tokens": int(flat.numel()), "correct": ok,
-           "ours_pack_ms": timed(lambda: pack_sequences(flat, lt, token_mask=flat_mask), device),
+    backend = "triton" if device.type == "cuda" else ("native" if _native.AVAILABLE else "torch")
+    res = {"num_dialogues": n, "num_tokens": int(flat.numel()), "correct": ok, "backend": backend,
+           "ours_pack_ms": timed(lambda: pack_sequences(flat, lt, token_mask=flat_mask, backend=backend), device),
            "ours_pack_from_list_ms": timed(lambda: pack_sequences(seqs, token_mask=masks), device),
            "ours_unpack_ms": timed(lambda: unpack(vals, b), device),
            "loop_pack_ms": timed(lambda: torch_loop_pack(seqs, masks), device, reps=3),
            "loop_unpack_ms": timed(lambda: torch_loop_unpack(vals, lengths), device, reps=3)}
+    if device.type == "cpu":  # the vectorised torch path (the CPU path before the C++ kernel, and without it)
+        res["torch_path_pack_ms"] = timed(lambda: pack_sequences(flat, lt, token_mask=flat_mask, backend="torch"),
+                                          device)
+        if backend == "native":
+            bn = pack_sequences(flat, lt, token_mask=flat_mask, backend="native")
+            bt = pack_sequences(flat, lt, token_mask=flat_mask, backend="torch")
+            res["correct"] = ok and all(torch.equal(getattr(bn, k), getattr(bt, k)) for k in (
+                "input_ids", "position_ids", "targets", "seq_ids", "loss_mask", "cu_seqlens"))
+            res["speedup_native_vs_torch_path"] = res["torch_path_pack_ms"] / res["ours_pack_ms"]
     res["speedup_pack"] = res["loop_pack_ms"] / res["ours_pack_ms"]
     res["speedup_pack_unpack"] = (res["loop_pack_ms"] + res["loop_unpack_ms"]) / (res["ours_pack_ms"] + res["ours_unpack_ms"])
     return res
@@ -162,9 +172,13 @@ def plot(doc, path):
     import matplotlib.pyplot as plt
     p, t = doc["pack"], doc["train"]
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    ax[0].bar(["ours pack", "ours unpack", "loop pack", "loop unpack"],
-              [p["ours_pack_ms"], p["ours_unpack_ms"], p["loop_pack_ms"], p["loop_unpack_ms"]],
-              color=["tab:green", "tab:green", "tab:gray", "tab:gray"])
+    names = [f"ours pack ({p.get('backend', '?')})", "ours unpack", "loop pack", "loop unpack"]
+    vals = [p["ours_pack_ms"], p["ours_unpack_ms"], p["loop_pack_ms"], p["loop_unpack_ms"]]
+    if "torch_path_pack_ms" in p:
+        names.insert(1, "torch-path pack")
+        vals.insert(1, p["torch_path_pack_ms"])
+    ax[0].bar(names, vals, color=["tab:green" if n.startswith("ours") else "tab:gray" for n in names])
+    ax[0].tick_params(axis="x", labelrotation=20)
     ax[0].set_yscale("log")
     ax[0].set_ylabel("ms")
     ax[0].set_title(f"{p['num_dialogues']} dialogues, {p['num_tokens']} tokens: {p['speedup_pack_unpack']:.1f}x")
