@@ -1,6 +1,7 @@
 # make demo   : the main job on its built-in default (CPU, no downloads); ARGS="--seeds 3" for more
 # make test   : the whole test suite (CPU; Triton kernels run under TRITON_INTERPRET=1), then the kernels' tests in a
-#               venv with only the core requirements (torch, triton, numpy), then ruff
+#               venv with only the core requirements (torch, triton, numpy), again on triton 3.6 (the oldest we
+#               support: the GPU image's), then ruff
 # make bench  : the loss microbenchmark (GPU shapes on CUDA, small shapes on the CPU)
 PY ?= python3
 VENV ?= .venv
@@ -9,10 +10,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NATIVE_STAMP := $(VENV)/.native
 CORE_STAMP := $(CORE)/.installed
+T36 ?= .venv-triton36
+T36_STAMP := $(T36)/.installed
 KERNEL_TESTS := tests/test_logprobs.py tests/test_grpo_loss.py tests/test_kernel_layouts.py tests/test_head_options.py \
 	tests/test_packing_kernel.py tests/test_advantages.py tests/test_native.py
 
-.PHONY: demo test test-full test-core lint bench clean
+.PHONY: demo test test-full test-core test-triton36 lint bench clean
 
 $(STAMP): setup.py requirements-cpu.txt
 	$(PY) -m venv $(VENV)
@@ -40,10 +43,19 @@ $(CORE_STAMP): setup.py
 	EXGRPO_NO_NATIVE=1 $(CORE)/bin/python -m pip install -q --no-build-isolation -e .
 	touch $(CORE_STAMP)
 
+# the same kernels' tests on triton 3.6 (the GPU image's version); its interpreter needs numpy < 2.3 (numpy 2.4 refuses
+# int() of the 1-element arrays it passes scalars as)
+$(T36_STAMP): setup.py
+	$(PY) -m venv $(T36)
+	$(T36)/bin/python -m pip install -q --upgrade pip
+	$(T36)/bin/python -m pip install -q torch==2.13.0 triton==3.6.0 "numpy<2.3" pytest "setuptools>=70" wheel
+	EXGRPO_NO_NATIVE=1 $(T36)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(T36_STAMP)
+
 demo: $(NATIVE_STAMP)
 	$(BIN)/python -m exgrpo demo $(ARGS)
 
-test: test-full test-core lint
+test: test-full test-core test-triton36 lint
 
 test-full: $(NATIVE_STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
@@ -52,6 +64,10 @@ test-core: $(CORE_STAMP)
 	$(CORE)/bin/python -c "import exgrpo_kernels, importlib.util as u; assert u.find_spec('transformers') is None"
 	EXGRPO_NO_NATIVE=1 TRITON_INTERPRET=1 $(CORE)/bin/python -m pytest -q -p no:cacheprovider $(KERNEL_TESTS)
 
+test-triton36: $(T36_STAMP)
+	$(T36)/bin/python -c "import triton; assert triton.__version__.startswith('3.6'), triton.__version__"
+	EXGRPO_NO_NATIVE=1 TRITON_INTERPRET=1 $(T36)/bin/python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning $(KERNEL_TESTS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check kernels exgrpo bench tests
 
@@ -59,4 +75,4 @@ bench: $(NATIVE_STAMP)
 	$(BIN)/python bench/bench_grpo_loss.py
 
 clean:
-	rm -rf $(VENV) $(CORE) build kernels/_C*.so
+	rm -rf $(VENV) $(CORE) $(T36) build kernels/_C*.so
