@@ -25,39 +25,40 @@ _FORMAT = (
 _CHOICE = "a single option letter; list the options in the probe as (A) ..., (B) ..., (C) ..."
 _SAME = "of the same kind as the original answer (a number for arithmetic)"
 
+
+def _prompt(ask: str, kind: str) -> str:
+    """The teacher's prompt: the solved example, what the probe should ask, and the reply format."""
+    return ("Original question: {question}\nCorrect answer: {answer}\nSolution: {rationale}\n\n" + ask
+            + _FORMAT.format(kind=kind))
+
+
 RULES: dict[str, Rule] = {r.name: r for r in (
     Rule("counterfactual", "R1: change one premise and ask how the conclusion changes.", "same",
-         "Original question: {question}\nCorrect answer: {answer}\nSolution: {rationale}\n\nChange exactly one "
-         "premise (a number or a condition) and ask for the new answer." + _FORMAT.format(kind=_SAME)),
+         _prompt("Change exactly one premise (a number or a condition) and ask for the new answer.", _SAME)),
     Rule("explanatory_challenge", "R2: ask the student to justify a logical step of the solution.", "choice",
-         "Original question: {question}\nCorrect answer: {answer}\nSolution: {rationale}\n\nAsk why one step of the "
-         "solution is valid, as a multiple-choice question with one correct justification." + _FORMAT.format(kind=_CHOICE)),
+         _prompt("Ask why one step of the solution is valid, as a multiple-choice question with one "
+                 "correct justification.", _CHOICE)),
     Rule("decomposition", "R3: split the problem into sub-questions and ask one intermediate result.", "same",
-         "Original question: {question}\nCorrect answer: {answer}\nSolution: {rationale}\n\nAsk for the result of "
-         "the first sub-step of the solution only." + _FORMAT.format(kind=_SAME)),
+         _prompt("Ask for the result of the first sub-step of the solution only.", _SAME)),
     Rule("inverse_problem", "Given the result, recover a premise.", "same",
-         "Original question: {question}\nCorrect answer: {answer}\nSolution: {rationale}\n\nState the final result "
-         "as known, hide one given quantity, and ask for that quantity." + _FORMAT.format(kind=_SAME)),
+         _prompt("State the final result as known, hide one given quantity, and ask for that quantity.", _SAME)),
     Rule("step_justification", "Why this operation: tie a computation to the premise it comes from.", "choice",
-         "Original question: {question}\nCorrect answer: {answer}\nSolution: {rationale}\n\nPick one computation of "
-         "the solution and ask which premise of the question it comes from, with options." + _FORMAT.format(kind=_CHOICE)),
+         _prompt("Pick one computation of the solution and ask which premise of the question it comes "
+                 "from, with options.", _CHOICE)),
     Rule("error_diagnosis", "Find and fix the flaw in a wrong rationale.", "same",
-         "Original question: {question}\nCorrect answer: {answer}\nSolution: {rationale}\n\nWrite a plausible solution "
-         "with one wrong step, show it in the probe, and ask for the corrected final answer." + _FORMAT.format(kind=_SAME)),
+         _prompt("Write a plausible solution with one wrong step, show it in the probe, and ask for the "
+                 "corrected final answer.", _SAME)),
     Rule("analogical_transfer", "Same structure, new entities and numbers.", "same",
-         "Original question: {question}\nCorrect answer: {answer}\nSolution: {rationale}\n\nWrite a new question with "
-         "the same reasoning structure but different entities and numbers." + _FORMAT.format(kind=_SAME)),
+         _prompt("Write a new question with the same reasoning structure but different entities and "
+                 "numbers.", _SAME)),
     Rule("generalisation", "State the rule or formula behind the answer, then apply it.", "same",
-         "Original question: {question}\nCorrect answer: {answer}\nSolution: {rationale}\n\nAsk the student to "
-         "express the answer as a rule in one of the given quantities and apply it to a new value of that quantity."
-         + _FORMAT.format(kind=_SAME)),
+         _prompt("Ask the student to express the answer as a rule in one of the given quantities and apply "
+                 "it to a new value of that quantity.", _SAME)),
     Rule("verification", "Check a candidate answer by substitution.", "bool",
-         "Original question: {question}\nCorrect answer: {answer}\nSolution: {rationale}\n\nGive a candidate answer "
-         "(right or wrong) and ask whether it is correct, to be checked by substituting it back." +
-         _FORMAT.format(kind="yes or no")),
+         _prompt("Give a candidate answer (right or wrong) and ask whether it is correct, to be checked by "
+                 "substituting it back.", "yes or no")),
     Rule("cause_oriented", "R10 (causal reinforcement): which premise causes the result.", "choice",
-         "Original question: {question}\nCorrect answer: {answer}\nSolution: {rationale}\n\nAsk which premise of the "
-         "question causes a specific feature of the result, with options." + _FORMAT.format(kind=_CHOICE)),
+         _prompt("Ask which premise of the question causes a specific feature of the result, with options.", _CHOICE)),
 )}
 
 RULE_NAMES = tuple(RULES)
