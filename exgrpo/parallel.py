@@ -112,16 +112,14 @@ def save(out_dir: str, step: int, parallel: str, model, tok, opt, sched, state: 
     """A checkpoint of this step (collective under FSDP2: every rank calls it)."""
     if parallel != "fsdp2":
         if distributed.is_main():
-            path = checkpoint.save(out_dir, step, model, tok, {"state": dict(state), "optimizer": opt.state_dict(),
-                                                               "scheduler": sched.state_dict()}, keep=keep)
-            with open(os.path.join(path, "layout.json"), "w") as f:
-                json.dump(_layout(parallel), f)
+            checkpoint.save(out_dir, step, model, tok, {"state": dict(state), "optimizer": opt.state_dict(),
+                                                        "scheduler": sched.state_dict()}, keep=keep,
+                            json_files={"layout.json": _layout(parallel)})
         distributed.barrier()
         return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
-    root = os.path.join(out_dir, "checkpoints")
-    final = os.path.join(root, f"step-{step:06d}")
+    final = checkpoint.step_dir(out_dir, step)
     tmp = final + ".tmp"
     if distributed.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
@@ -136,13 +134,7 @@ def save(out_dir: str, step: int, parallel: str, model, tok, opt, sched, state: 
                    os.path.join(tmp, "trainer_state.pt"))
         with open(os.path.join(tmp, "layout.json"), "w") as f:
             json.dump(_layout(parallel), f)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        from exgrpo.io import atomic_write_text
-        atomic_write_text(os.path.join(root, "latest"), os.path.basename(final))
-        done = sorted(d for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp"))
-        for d in done[:-keep]:
-            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+        checkpoint.publish(tmp, final, keep)
     distributed.barrier()
 
 
