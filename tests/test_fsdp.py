@@ -1,5 +1,6 @@
-"""FSDP2 (torch.distributed.fsdp.fully_shard) on 2 gloo ranks equals 1 rank: SFT losses and weights and a GRPO
-update, with tied and untied embeddings, with and without LoRA; a SIGKILLed FSDP2 run resumes to the uninterrupted
+"""DDP and FSDP2 (torch.distributed.fsdp.fully_shard) on 2 gloo ranks equal 1 rank on the same global batch: SFT
+losses and weights and a GRPO update (loss normalised by the global token count), FSDP2 with tied and untied
+embeddings, with and without LoRA; a SIGKILLed FSDP2 run resumes to the uninterrupted
 run's metrics and weights; bad layouts are clear errors."""
 import json
 import os
@@ -33,14 +34,17 @@ def _run(nproc, args, timeout=600):
     return r
 
 
-@pytest.mark.parametrize("tie,lora", [("0", "0"), ("1", "0"), ("0", "1")], ids=["untied", "tied", "lora"])
-def test_fsdp2_two_ranks_equal_one_rank(data, tmp_path, tie, lora):
+@pytest.mark.parametrize("par,tie,lora", [("ddp", "0", "0"), ("fsdp2", "0", "0"), ("fsdp2", "1", "0"),
+                                          ("fsdp2", "0", "1")], ids=["ddp", "fsdp2-untied", "fsdp2-tied", "fsdp2-lora"])
+def test_two_ranks_equal_one_rank(data, tmp_path, par, tie, lora):
+    script = os.path.join(HERE, "parallel_script.py")
     one = tmp_path / "one"
-    r = subprocess.run([sys.executable, os.path.join(HERE, "fsdp_script.py"), data, str(one), "ddp", tie, lora],
+    r = subprocess.run([sys.executable, script, data, str(one), "ddp", tie, lora],
                        capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-4000:]
     two = tmp_path / "two"
-    _run(2, [os.path.join(HERE, "fsdp_script.py"), data, str(two), "fsdp2", tie, lora])
+    _run(2, [script, data, str(two), par, tie, lora])
+    assert len(torch.load(one / "result.pt", weights_only=False)["sft_losses"]) == 3
     a = torch.load(one / "result.pt", weights_only=False)
     b = torch.load(two / "result.pt", weights_only=False)
     for x, y in zip(a["sft_losses"], b["sft_losses"]):
