@@ -389,8 +389,9 @@ def environment(device):
     except ImportError:
         env["triton"] = None
     try:
-        import liger_kernel  # noqa: F401
         from importlib.metadata import version
+
+        import liger_kernel  # noqa: F401
         env["liger_kernel"] = version("liger-kernel")
     except Exception:  # noqa: BLE001
         env["liger_kernel"] = None

@@ -23,9 +23,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from exgrpo_kernels import _native, pack_sequences, pack_sequences_reference, unpack  # noqa: E402
+
 from bench.bench_grpo_loss import environment  # noqa: E402
 from exgrpo.attention import packed_model_kwargs, use_packed_attention  # noqa: E402
-from exgrpo_kernels import _native, pack_sequences, pack_sequences_reference, unpack  # noqa: E402
 
 
 def long_tailed_lengths(n, lo, hi, seed=0, alpha=1.1):

@@ -17,9 +17,13 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench.bench_grpo_loss import environment  # noqa: E402
+from exgrpo.config import (
+    ModelConfig,  # noqa: E402
+    SamplingConfig,  # noqa: E402
+)
 from exgrpo.dialogue import DialogueTokenizer  # noqa: E402
-from exgrpo.generation import SamplingConfig, TransformersBackend, multi_turn_rollouts  # noqa: E402
-from exgrpo.model import ModelConfig, build_student  # noqa: E402
+from exgrpo.generation import TransformersBackend, multi_turn_rollouts  # noqa: E402
+from exgrpo.model import build_student  # noqa: E402
 from exgrpo.tasks.arithmetic import SymbolicTeacher, make_split  # noqa: E402
 
 

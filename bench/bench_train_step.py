@@ -19,10 +19,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from exgrpo_kernels import GRPOLossConfig, fused_linear_grpo_loss, fused_linear_logprobs, pack_sequences  # noqa: E402
+
 from bench.bench_grpo_loss import environment  # noqa: E402
 from exgrpo.attention import use_packed_attention  # noqa: E402
 from exgrpo.model import PolicyHidden  # noqa: E402
-from exgrpo_kernels import GRPOLossConfig, fused_linear_grpo_loss, fused_linear_logprobs, pack_sequences  # noqa: E402
 
 SHAPES = {
     "qwen2-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -57,8 +58,8 @@ def ours_step(model, ids, masks, adv, cfg, device):
     p = PolicyHidden(model)
     h = p(b)
     with torch.no_grad():
-        ref = fused_linear_logprobs(h.detach(), p.lm_head.detach(), b.targets)
-    loss, _ = fused_linear_grpo_loss(h, p.lm_head, b.targets, b.seq_ids, adv.to(device), b.loss_mask, cfg, ref_logp=ref)
+        ref = fused_linear_logprobs(h.detach(), p.lm_head_weight.detach(), b.targets)
+    loss, _ = fused_linear_grpo_loss(h, p.lm_head_weight, b.targets, b.seq_ids, adv.to(device), b.loss_mask, cfg, ref_logp=ref)
     loss.backward()
     return float(loss)
 

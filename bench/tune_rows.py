@@ -27,7 +27,6 @@ import exgrpo_kernels._rows as rows  # noqa: E402
 from exgrpo_kernels import GRPOLossConfig, fused_linear_grpo_loss, fused_linear_logprobs  # noqa: E402
 from exgrpo_kernels.grpo_loss import _launch_token_kernel, seq_weights  # noqa: E402
 
-
 XF = rows.LogitTransform()  # temperature 1, no soft-cap
 
 

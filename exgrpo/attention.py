@@ -7,7 +7,8 @@ it. The model then takes one packed row, ``input_ids [1, N]`` with ``position_id
 no token attends across a sequence border. Kernels, first available wins:
   1. flash-attn's ``flash_attn_varlen_func`` (CUDA, if installed),
   2. torch's ``torch.nn.attention.varlen.varlen_attn`` (CUDA, torch >= 2.10),
-  3. ``scaled_dot_product_attention``, causal, one call per packed sequence (CPU, and anywhere else).
+  3. ``scaled_dot_product_attention``, causal, batched over buckets of similar length (``bucketed_sdpa``: CPU,
+     and anywhere else).
 """
 from __future__ import annotations
 
@@ -104,21 +105,63 @@ def packed_attention_forward(module, query, key, value, attention_mask, scaling=
         return fn(q, k, v, cu, cu, max_len, max_len, **kw).unsqueeze(0), None
     if softcap:
         raise NotImplementedError("exgrpo_varlen: attention logit soft-capping needs flash-attn on CUDA")
-    # one causal SDPA per sequence: sum of L_i^2 work, never an [N, N] mask
     if Hkv != Hq:
         key, value = (x.repeat_interleave(Hq // Hkv, dim=1) for x in (key, value))
-    out = torch.empty_like(query)
-    bounds = cu.tolist()
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        if e == s:
-            continue
-        q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
-        if sliding_window and e - s > sliding_window:
-            m = block_causal_mask(torch.tensor([0, e - s]), e - s, query.device, sliding_window)
-            out[:, :, s:e] = F.scaled_dot_product_attention(q, k, v, attn_mask=m[None, None], dropout_p=p, scale=scale)
+    return bucketed_sdpa(query[0], key[0], value[0], cu.tolist(), dropout=p, scale=scale,
+                         sliding_window=sliding_window).unsqueeze(0), None
+
+
+PAD_WASTE = 0.25  # a bucket's padded size may exceed its tokens by this fraction
+
+
+def length_buckets(lengths: list[int], waste: float = PAD_WASTE) -> list[list[int]]:
+    """Indices of the non-empty sequences, longest first, cut into buckets whose padded size (count x longest)
+    stays within (1 + waste) x their tokens."""
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
+    buckets: list[list[int]] = []
+    tokens = 0
+    for i in order:
+        if buckets and (len(buckets[-1]) + 1) * lengths[buckets[-1][0]] <= (1 + waste) * (tokens + lengths[i]):
+            buckets[-1].append(i)
+            tokens += lengths[i]
         else:
-            out[:, :, s:e] = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, scale=scale)
-    return out.transpose(1, 2).contiguous(), None
+            buckets.append([i])
+            tokens = lengths[i]
+    return buckets
+
+
+def bucketed_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int], *, dropout: float = 0.0,
+                  scale: float | None = None, sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention within each packed sequence, by batched SDPA calls over length buckets (no Python loop per
+    sequence, no [N, N] mask).
+
+    q, k, v: [H, N, D] (k, v already repeated to q's heads); bounds: cu_seqlens as a list, [S + 1] from 0 to N.
+    Returns [N, H, D]. Each bucket's sequences are gathered right-padded into [n_b, H, L_b, D]: causal masking keeps
+    every real query off the padding (pad keys come after it), and the pad rows' outputs are dropped, so the result
+    and its gradients equal per-sequence attention exactly."""
+    H, N, D = q.shape
+    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    vals, where = [], []
+    for b in length_buckets(lengths):
+        L = lengths[b[0]]
+        starts = torch.tensor([bounds[i] for i in b], device=q.device)
+        lens = torch.tensor([lengths[i] for i in b], device=q.device)
+        ar = torch.arange(L, device=q.device)
+        valid = ar[None, :] < lens[:, None]  # [n_b, L]
+        idx = starts[:, None] + torch.minimum(ar[None, :], lens[:, None] - 1)  # pads repeat the last token
+        qb, kb, vb = (x[:, idx].transpose(0, 1) for x in (q, k, v))  # [n_b, H, L, D]
+        if sliding_window and L > sliding_window:
+            m = block_causal_mask(torch.tensor([0, L]), L, q.device, sliding_window)
+            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=m, dropout_p=dropout, scale=scale)
+        else:
+            o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, dropout_p=dropout, scale=scale)
+        vals.append(o.transpose(1, 2)[valid])  # [n_valid, H, D]
+        where.append(idx[valid])
+    if not vals:
+        return q.new_zeros(N, H, D)
+    if len(vals) == 1 and len(b) == 1:  # one sequence: already in order
+        return vals[0]
+    return torch.cat(vals)[torch.argsort(torch.cat(where))]
 
 
 def register() -> str:

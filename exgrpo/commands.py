@@ -1,15 +1,23 @@
 """The commands behind the CLI: sft, train, eval, and demo (the README's main command)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-from dataclasses import dataclass
 
-
+from exgrpo.config import (DemoConfig, EIConfig, EvalConfig, ModelConfig, PlanConfig, SFTConfig, TrainConfig,
+                           check_data_names as _check_data_names)
+from exgrpo.data.loaders import load_dataset
+from exgrpo.demo import run_demo
+from exgrpo.dialogue import DialogueTokenizer
+from exgrpo.ei.pipeline import run_ei
+from exgrpo.evaluate import evaluate
+from exgrpo.grpo import train as run_train
 from exgrpo.io import atomic_write_json
-from exgrpo.model import ModelConfig
-from exgrpo.demo import DemoConfig
-from exgrpo.trainer import SFTConfig, TrainConfig, evaluate, sft as run_sft, train as run_train
+from exgrpo.model import build_student
+from exgrpo.plan import plan as compute_plan, render as render_plan
+from exgrpo.sft import sft as run_sft
+from exgrpo.tasks.arithmetic import make_split
 
 
 class UserError(ValueError):
@@ -35,10 +43,10 @@ def check_model_dir(field_name: str, path: str | None, hint: str = "") -> None:
 
 
 def check_data_names(field_name: str, names) -> None:
-    from exgrpo.data.loaders import SPECS
-    for n in names:
-        if n != "arithmetic" and n not in SPECS:
-            raise UserError(f"{field_name}: unknown data set {n!r}; known: arithmetic, {', '.join(sorted(SPECS))}")
+    try:
+        _check_data_names(field_name, names)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def sft(cfg: SFTConfig, resume=False):
@@ -54,8 +62,7 @@ def train(cfg: TrainConfig, resume=False):
     print(json.dumps(run_train(cfg, resume=resume)))
 
 
-def ei(cfg, resume=False):
-    from exgrpo.ei.pipeline import run_ei
+def ei(cfg: EIConfig, resume=False):
     check_data_names("data", cfg.data)
     check_model_dir("student_model_path", cfg.student_model_path)
     check_model_dir("teacher_model_path", cfg.teacher_model_path)
@@ -63,33 +70,10 @@ def ei(cfg, resume=False):
     print(json.dumps(run_ei(cfg), indent=1))
 
 
-@dataclass(frozen=True)
-class EvalConfig:
-    model: str = "runs/exgrpo/final"  # the model folder to evaluate
-    data: tuple[str, ...] = ("arithmetic",)  # data set names, or arithmetic (held-in and reversal splits)
-    data_root: str | None = None  # folder of <name>/ folders (default ../shared/data)
-    split: str = "test"
-    limit: int | None = 200  # examples per data set
-    arith_ops: int = 2  # operations per arithmetic problem (the demo trains on 1)
-    seed: int = 0
-    out: str | None = None  # JSON file for the results (default <model>/eval.json)
-    max_new_tokens: int = 96
-    backend: str = "auto"  # generation: auto (vllm where installed) | transformers | vllm
-
-    def __post_init__(self):
-        check_data_names("EvalConfig.data", self.data)
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"EvalConfig.limit must be >= 1 or null, got {self.limit}")
-        if self.backend not in ("auto", "transformers", "vllm"):
-            raise ValueError(f"EvalConfig.backend must be auto, transformers or vllm, got {self.backend!r}")
-
-
 def eval(cfg: EvalConfig, resume=False):  # noqa: A001 - the CLI command's name
     check_model_dir("model", cfg.model, hint="a folder written by exgrpo sft/train (final/) or a Hugging Face model")
     check_data_names("data", cfg.data)
     check_file("data_root", cfg.data_root, "folder")
-    from exgrpo.data.loaders import load_dataset
-    from exgrpo.tasks.arithmetic import make_split
     examples = []
     for name in cfg.data:
         if name == "arithmetic":
@@ -97,7 +81,7 @@ def eval(cfg: EvalConfig, resume=False):  # noqa: A001 - the CLI command's name
                          make_split(cfg.limit or 200, cfg.seed, "reversal", n_ops=cfg.arith_ops))
         else:
             examples += load_dataset(name, split=cfg.split, limit=cfg.limit, data_root=cfg.data_root)
-    model, tok = _load(cfg.model)
+    model, tok = build_student(ModelConfig(path=cfg.model))
     res = evaluate(model, tok, examples, max_new_tokens=cfg.max_new_tokens, backend=eval_backend(cfg.backend, model, tok))
     print(f"{'data set':28s} {'accuracy':>9s} {'n':>6s}")
     for k, v in res.items():
@@ -107,50 +91,31 @@ def eval(cfg: EvalConfig, resume=False):  # noqa: A001 - the CLI command's name
 
 def eval_backend(name: str, model, tok):
     """The generation backend for evaluation: vLLM (batched over every data set) where installed and asked for,
-    else the trainer's transformers generation."""
-    import importlib.util
+    else the trainer's transformers generation. vLLM is a heavy optional dependency: imported only when chosen."""
     if name == "auto":
         name = "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
     if name == "transformers":
         return None
-    from exgrpo.dialogue import DialogueTokenizer
     from exgrpo.vllm_backend import VLLMBackend
     return VLLMBackend.from_model(model, tok, DialogueTokenizer(tok).eot)
-
-
-def _load(path):
-    from exgrpo.model import build_student
-    return build_student(ModelConfig(path=path))
 
 
 # ================================================================================================ demo
 
 
-def demo(cfg: DemoConfig):
-    from exgrpo.demo import run_demo
+def demo(cfg: DemoConfig, resume=False):
     run_demo(cfg)
 
 
-def plan(cfg, resume=False):
-    from exgrpo.plan import plan as compute, render
+def plan(cfg: PlanConfig, resume=False):
     check_model_dir("model.path", cfg.model.path)
-    print(render(cfg, compute(cfg)))
+    print(render_plan(cfg, compute_plan(cfg)))
 
 
 COMMANDS = {  # name -> (config class, function(cfg, resume))
-    "ei": (None, ei), "sft": (SFTConfig, sft), "train": (TrainConfig, train), "eval": (EvalConfig, eval),
-    "demo": (DemoConfig, lambda cfg, resume=False: demo(cfg)), "plan": (None, plan),
+    "ei": (EIConfig, ei), "sft": (SFTConfig, sft), "train": (TrainConfig, train), "eval": (EvalConfig, eval),
+    "demo": (DemoConfig, demo), "plan": (PlanConfig, plan),
 }
-
-
-def _fill_ei():
-    from exgrpo.ei.pipeline import EIConfig
-    from exgrpo.plan import PlanConfig
-    COMMANDS["ei"] = (EIConfig, ei)
-    COMMANDS["plan"] = (PlanConfig, plan)
-
-
-_fill_ei()
 
 
 def run(name: str, cfg, resume: bool = False):

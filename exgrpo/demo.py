@@ -32,79 +32,27 @@ import os
 import random
 import statistics
 import time
-from dataclasses import dataclass, field
 
-from exgrpo.config import save_config
-from exgrpo.generation import SamplingConfig
+import torch
+
+from exgrpo.config import ARMS, DemoConfig, EIConfig, ModelConfig, OptimConfig, SamplingConfig, save_config
+from exgrpo.data.answers import is_correct
+from exgrpo.dialogue import DialogueTokenizer
+from exgrpo.ei.pipeline import run_ei
+from exgrpo.ei.teacher import TransformersChat
+from exgrpo.evaluate import evaluate
+from exgrpo.generation import TransformersBackend, last_assistant_text, multi_turn_rollouts
+from exgrpo.grpo import train
 from exgrpo.io import atomic_write_json, atomic_write_text
-from exgrpo.model import ModelConfig
-from exgrpo.trainer import OptimConfig, SFTConfig, TrainConfig
+from exgrpo.model import build_student
+from exgrpo.rules import RULE_NAMES
+from exgrpo.sft import sft
+from exgrpo.tasks.arithmetic import SymbolicTeacher, make_split
 
-ARMS = {  # name -> TrainConfig overrides (sft_more is continued SFT; cold_* start from the untrained student)
-    "rl": dict(dsu=False, aux_weight=0.0),
-    "rl_aux": dict(dsu=False),
-    "exgrpo": dict(),
-    "exgrpo_probe_rewards": dict(probe_rewards=True),
-    "independent": dict(mode="independent"),
-    "cold_rl": dict(dsu=False, aux_weight=0.0),
-    "cold_rl_aux": dict(dsu=False),
-}
 SPLITS = ("arithmetic_forward", "arithmetic_paraphrase", "arithmetic_reversal")
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """The built-in default: arithmetic domain, symbolic teacher, a small student, all on the CPU."""
-
-    out_dir: str = "runs/demo"  # results.json, results.md, curves.png, and one folder per seed
-    seeds: int = 3  # paired seeds (every arm of a seed starts from the same SFT checkpoint)
-    workers: int = 2  # parallel processes (one torch thread each)
-    quick: bool = False  # a few steps of everything (CI)
-    arms: tuple[str, ...] = ("sft_more", "rl", "rl_aux", "exgrpo", "exgrpo_probe_rewards", "independent")  # + sft
-    cold_start: bool = False  # also cold_rl and cold_rl_aux (RL from the untrained student)
-    n_train: int = 500  # EI questions per seed
-    n_eval: int = 400  # held-in test questions (and as many paraphrased, out of distribution)
-    n_reversal: int = 200  # reversal questions (the floor check)
-    n_probe_eval: int = 150  # held-in questions answered after 0, 1 and 2 probes
-    n_ops: int = 1  # operations per problem
-    rules_per_example: int = 2
-    teacher_noise: float = 0.1  # probes whose rationale ends in a wrong answer: the consistency filter's catch
-    tau_hard: int = 0  # difficulty filter against the untrained student (which solves nothing: 0 keeps the rest)
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(hidden_size=128, intermediate_size=384, num_layers=3,
-                                                                   head_dim=32, tokenizer="arithmetic"))
-    sft_epochs: int = 4
-    sft_batch: int = 32
-    sft_lr: float = 3e-3
-    rl_steps: int = 25  # optimizer steps of each RL arm (and of sft_more)
-    rl_lr: float = 3e-4  # constant (1e-3 degraded every RL arm in a one-seed trial)
-    questions_per_step: int = 8
-    G: int = 4
-    k: int = 2
-    k_partial: int = 0  # Scenario B asks the question directly: the evaluated condition is trained
-    delta: float = 0.5
-    nu: float = 1.0
-    aux_weight: float = 0.1
-    beta: float = 0.04
-    temperature: float = 1.0  # sampling and loss temperature
-    max_new_tokens: int = 24
-    backend: str = "transformers"
-
-    def __post_init__(self):
-        unknown = [a for a in self.arms if a not in ARMS and a != "sft_more"]
-        if unknown:
-            raise ValueError(f"DemoConfig.arms: unknown arm(s) {unknown}; known: sft_more, {', '.join(ARMS)}")
-        for name in ("seeds", "workers", "n_train", "n_eval", "rl_steps", "sft_epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"DemoConfig.{name} must be >= 1, got {getattr(self, name)}")
-
-    def resolved(self) -> DemoConfig:
-        if not self.quick:
-            return self
-        return dataclasses.replace(self, seeds=1, n_train=24, n_eval=12, n_reversal=6, n_probe_eval=4, sft_epochs=1,
-                                   rl_steps=2, questions_per_step=2, G=2, max_new_tokens=16)
-
-    def all_arms(self) -> list[str]:
-        return list(self.arms) + (["cold_rl", "cold_rl_aux"] if self.cold_start else [])
+CURVE_KEYS = ("step", "reward_question", "reward_direct", "reward_after_probes", "reward_probes", "bonus_rate",
+              "bonus_rate_perm", "p_full", "p_partial", "kl", "eval_accuracy", "eval/arithmetic_forward",
+              "eval/arithmetic_paraphrase", "time_step_s")
 
 
 # ------------------------------------------------------------------------------------------------ jobs
@@ -115,29 +63,22 @@ def _seed_dir(cfg: DemoConfig, seed: int) -> str:
 
 
 def _tests(cfg: DemoConfig, seed: int):
-    from exgrpo.tasks.arithmetic import make_split
     s = 1000 + seed
     return (make_split(cfg.n_eval, s, "test", n_ops=cfg.n_ops) + make_split(cfg.n_eval, s, "paraphrase", n_ops=cfg.n_ops)
             + make_split(cfg.n_reversal, s, "reversal", n_ops=cfg.n_ops))
 
 
-def _evaluate(cfg: DemoConfig, path_or_model: str, seed: int) -> dict:
+def _evaluate(cfg: DemoConfig, path: str, seed: int) -> dict:
     """Accuracy per split, and held-in accuracy after 0 / 1 / 2 student-answered probes."""
-    from exgrpo.dialogue import DialogueTokenizer
-    from exgrpo.generation import TransformersBackend, last_assistant_text, multi_turn_rollouts
-    from exgrpo.model import build_student
-    from exgrpo.tasks.arithmetic import SymbolicTeacher, make_split
-    from exgrpo.data.answers import is_correct
-    from exgrpo.trainer import evaluate
-    model, tok = build_student(ModelConfig(path=path_or_model))
+    model, tok = build_student(ModelConfig(path=path))
+    max_new = cfg.rl.sampling.max_new_tokens
     res = {k: v["accuracy"] for k, v in evaluate(model, tok, _tests(cfg, seed), batch_size=128,
-                                                  max_new_tokens=cfg.max_new_tokens).items()}
+                                                  max_new_tokens=max_new).items()}
     dtok = DialogueTokenizer(tok)
     backend = TransformersBackend(model, tok, dtok.eot, batch_size=128)
     teacher = SymbolicTeacher()
     held = make_split(cfg.n_probe_eval, 2000 + seed, "test", n_ops=cfg.n_ops)
-    sc = SamplingConfig(max_new_tokens=cfg.max_new_tokens)
-    from exgrpo.rules import RULE_NAMES
+    sc = SamplingConfig(max_new_tokens=max_new)
     for n in (0, 1, 2):
         turns = []
         for e in held:
@@ -151,20 +92,15 @@ def _evaluate(cfg: DemoConfig, path_or_model: str, seed: int) -> dict:
 
 def seed_job(cfg: DemoConfig, seed: int) -> dict:
     """EI data with both filters, the SFT warm-up, and the SFT model's evaluation."""
-    from exgrpo.ei.pipeline import EIConfig, run_ei
-    from exgrpo.trainer import sft
     root = _seed_dir(cfg, seed)
     t0 = time.time()
     ei = EIConfig(limit=cfg.n_train, rules_per_example=cfg.rules_per_example, out_dir=os.path.join(root, "ei"),
                   seed=seed, arith_ops=cfg.n_ops, teacher_noise=cfg.teacher_noise, tau_hard=cfg.tau_hard)
-    from exgrpo.ei.teacher import TransformersChat
-    from exgrpo.model import build_student
     base, base_tok = build_student(cfg.model, seed=seed)  # the difficulty filter's student: the untrained one
-    report = run_ei(ei, student=TransformersChat(base, base_tok, max_new_tokens=cfg.max_new_tokens, batch_size=128),
-                    progress=False)
-    sft_cfg = SFTConfig(data=os.path.join(root, "ei", "d_ei.jsonl"), model=cfg.model, out_dir=os.path.join(root, "sft"),
-                        epochs=cfg.sft_epochs, batch_dialogues=cfg.sft_batch, seed=seed, progress=False,
-                        optim=OptimConfig(lr=cfg.sft_lr, warmup_steps=5, min_lr_ratio=0.3))
+    report = run_ei(ei, student=TransformersChat(base, base_tok, max_new_tokens=cfg.rl.sampling.max_new_tokens,
+                                                 batch_size=128), progress=False)
+    sft_cfg = dataclasses.replace(cfg.sft, data=os.path.join(root, "ei", "d_ei.jsonl"), model=cfg.model,
+                                  out_dir=os.path.join(root, "sft"), seed=seed, progress=False)
     final = sft(sft_cfg)["final"]
     return {"sft_final": final, "ei_report": {k: report[k] for k in ("examples", "kept", "dropped")},
             "ei_probes": {"generated": sum(v["generated"] for v in report["per_rule"].values()),
@@ -172,35 +108,32 @@ def seed_job(cfg: DemoConfig, seed: int) -> dict:
             "sft": _evaluate(cfg, final, seed), "seconds": time.time() - t0}
 
 
-def arm_job(cfg: DemoConfig, seed: int, arm: str, sft_final: str) -> dict:
-    from exgrpo.trainer import sft, train
+def arm_config(cfg: DemoConfig, seed: int, arm: str, sft_final: str):
+    """The SFTConfig (sft_more) or TrainConfig of one arm of one seed."""
     root = _seed_dir(cfg, seed)
     data = os.path.join(root, "ei", "d_ei.jsonl")
+    if arm == "sft_more":  # as many optimizer steps as an RL arm, at a constant rate
+        return dataclasses.replace(cfg.sft, data=data, model=dataclasses.replace(cfg.model, path=sft_final),
+                                   out_dir=os.path.join(root, arm), max_steps=cfg.rl.steps, seed=seed + 100,
+                                   progress=False, optim=OptimConfig(lr=cfg.sft_more_lr, warmup_steps=0,
+                                                                     min_lr_ratio=1.0))
+    cold = arm.startswith("cold")
+    rl = cfg.rl if not cold else dataclasses.replace(cfg.rl, loss=cfg.rl.loss.replace(beta=0.0))
+    return dataclasses.replace(rl, data=data, init=None if cold else sft_final, model=cfg.model,
+                               out_dir=os.path.join(root, arm), seed=seed, backend=cfg.backend, progress=False,
+                               **ARMS[arm])
+
+
+def arm_job(cfg: DemoConfig, seed: int, arm: str, sft_final: str) -> dict:
     t0 = time.time()
-    if arm == "sft_more":  # as many optimizer steps as an RL arm, at the rate the warm-up ended with
-        c = SFTConfig(data=data, model=dataclasses.replace(cfg.model, path=sft_final), out_dir=os.path.join(root, arm),
-                      max_steps=cfg.rl_steps, batch_dialogues=cfg.sft_batch, seed=seed + 100, progress=False,
-                      optim=OptimConfig(lr=cfg.sft_lr * 0.3, warmup_steps=0, min_lr_ratio=1.0))
-        final, curve = sft(c)["final"], []
-    else:
-        loss = TrainConfig().loss.replace(beta=0.0 if arm.startswith("cold") else cfg.beta,
-                                          temperature=cfg.temperature)
-        kw = dict(data=data, init=None if arm.startswith("cold") else sft_final, model=cfg.model,
-                  out_dir=os.path.join(root, arm), steps=cfg.rl_steps, questions_per_step=cfg.questions_per_step,
-                  G=cfg.G, k=cfg.k, k_partial=cfg.k_partial, delta=cfg.delta, nu=cfg.nu, aux_weight=cfg.aux_weight,
-                  seed=seed, optim=OptimConfig(lr=cfg.rl_lr, warmup_steps=0, min_lr_ratio=1.0), loss=loss,
-                  sampling=SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens),
-                  backend=cfg.backend, progress=False, log_samples=1)
-        tc = TrainConfig(**{**kw, **ARMS[arm]})
-        final = train(tc)["final"]
-        curve = [json.loads(x) for x in open(os.path.join(tc.out_dir, "metrics.jsonl"))]
-    keep = ("step", "reward_question", "reward_probes", "bonus_rate", "bonus_rate_perm", "p_full", "p_partial", "kl")
-    return {"eval": _evaluate(cfg, final, seed), "curve": [{k: r[k] for k in keep if k in r} for r in curve],
+    c = arm_config(cfg, seed, arm, sft_final)
+    final = (sft if arm == "sft_more" else train)(c)["final"]
+    curve = [json.loads(x) for x in open(os.path.join(c.out_dir, "metrics.jsonl"))] if arm != "sft_more" else []
+    return {"eval": _evaluate(cfg, final, seed), "curve": [{k: r[k] for k in CURVE_KEYS if k in r} for r in curve],
             "seconds": time.time() - t0}
 
 
 def _run_job(args):
-    import torch
     torch.set_num_threads(1)
     kind, cfg, seed, arm, extra = args
     path = os.path.join(_seed_dir(cfg, seed), f"result_{arm}.json")

@@ -1,17 +1,29 @@
-"""Process group from torchrun's environment, and the scalar collectives of the trainer.
+"""Data parallelism: the process group from torchrun's environment, the trainer's scalar collectives, and the
+model's wrapping: DDP (every rank holds the model) or FSDP2 (PyTorch's ``fully_shard``: parameters, gradients and
+optimizer state sharded over the ranks).
 
 One process group serves two kinds of traffic: the model's gradients and parameters (CUDA tensors: NCCL on a
 GPU) and the trainer's bookkeeping (token counts, metrics, micro-batch plans: CPU scalars and objects). NCCL has
 no CPU transport, so on CUDA the group is created with a backend per device type, ``cpu:gloo,cuda:nccl``:
 collectives on CPU tensors go through gloo, on CUDA tensors through NCCL. On the CPU it is plain gloo.
 ``$EXGRPO_DIST_BACKEND`` overrides the string (tests use it to run the CUDA layout with gloo on both sides).
+
+FSDP2: each decoder layer is its own shard group, then the root (embeddings, final norm, lm_head). The fused loss
+runs inside the root module's forward (``PolicyHidden.forward(batch, loss_fn)``), so the lm_head weight is
+unsharded while the kernel reads it and its gradient is reduce-scattered like every other; tied embeddings are one
+parameter of the root. ``MixedPrecisionPolicy`` and ``CPUOffloadPolicy`` come from ``FSDPConfig``; activation
+checkpointing (``model.gradient_checkpointing``) is applied when the model is built, before sharding. Checkpoints of
+both layouts: ``exgrpo.checkpoint``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import torch.distributed as dist
+
+from exgrpo.config import PARALLEL
 
 BACKEND_ENV = "EXGRPO_DIST_BACKEND"
 
@@ -88,3 +100,67 @@ def is_main() -> bool:
 def close():
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ================================================================================================ wrapping
+
+
+def check_launch(parallel: str, global_batch: int, batch_field: str) -> None:
+    """Clear errors before any work: the layout's name, torchrun for FSDP2, a batch the ranks can split."""
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+    if parallel == "fsdp2" and not launched():
+        raise ValueError("parallel=fsdp2 needs torchrun (python -m torch.distributed.run --nproc_per_node N -m exgrpo "
+                         "...): WORLD_SIZE is not set")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if global_batch % world:
+        raise ValueError(f"{batch_field}={global_batch} does not divide over the world size {world}")
+
+
+def decoder_layers(causal_lm):
+    base = getattr(causal_lm, causal_lm.base_model_prefix)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ValueError(f"parallel=fsdp2: no decoder layers found on {type(base).__name__}")
+    return list(layers)
+
+
+def wrap(policy, parallel: str, fsdp, device):
+    """The module that runs the forward: the policy itself (one rank), DDP, or the policy sharded by FSDP2."""
+    if parallel == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+        mesh = init_device_mesh(device.type, (world(),))
+        kw = dict(mesh=mesh, reshard_after_forward=fsdp.reshard_after_forward,
+                  mp_policy=MixedPrecisionPolicy(param_dtype=getattr(torch, fsdp.param_dtype),
+                                                 reduce_dtype=getattr(torch, fsdp.reduce_dtype)))
+        if fsdp.cpu_offload:
+            kw["offload_policy"] = CPUOffloadPolicy()
+        for layer in decoder_layers(policy.causal_lm):
+            fully_shard(layer, **kw)
+        fully_shard(policy, **kw)
+        return policy
+    if world() == 1:
+        return policy
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def is_fsdp(module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(module, FSDPModule)
+
+
+def sync_context(module, sync: bool):
+    """Gradient sync on this backward (the last micro-batch) or not (the others accumulate locally)."""
+    if is_fsdp(module):
+        module.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return module.no_sync() if (hasattr(module, "no_sync") and not sync) else contextlib.nullcontext()
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+        norm = norm.full_tensor()
+    return float(norm)

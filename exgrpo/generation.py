@@ -16,24 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from exgrpo.attention import IMPL
+from exgrpo.config import SamplingConfig
 from exgrpo.dialogue import DialogueTokenizer, TokenizedDialogue
 from exgrpo.model import base_causal_lm
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    max_new_tokens: int = 96  # per assistant turn
-
-    def __post_init__(self):
-        if not self.temperature > 0:
-            raise ValueError(f"SamplingConfig.temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass

@@ -83,3 +83,11 @@ def atomic_write_json(path: str, obj) -> None:
 
 def write_jsonl_atomic(path: str, records) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def read_jsonl(path: str, field_name: str = "data") -> list[dict]:
+    """Every record of a JSONL file; a missing file is an error naming the config field."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{field_name}: no such file {path} (run `exgrpo ei` first)")
+    with open(path) as f:
+        return [json.loads(x) for x in f if x.strip()]

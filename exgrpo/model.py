@@ -1,72 +1,32 @@
-"""Student models: a tiny Llama-shaped student built from a config (the demo), any Hugging Face causal LM
+"""Student models: a tiny Llama- or Qwen2-shaped student built from a config (the demo), any Hugging Face causal LM
 from a path, LoRA through peft, Liger-Kernel's model patches, and the policy's "hidden states + lm_head"
-view that the fused kernels take (never the [tokens x vocab] logits)."""
+view that the fused kernels take (never the [tokens x vocab] logits). ``ModelConfig`` and the real shapes
+(``PRESETS``) are in ``exgrpo.config``."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import transformers
 
-from exgrpo.attention import packed_model_kwargs, use_packed_attention
-from exgrpo_kernels.integrations._hf import logit_options
-
-
-# Shapes of real students, built with random weights and the project's byte tokenizer (no download): for GPU
-# smoke tests, benchmarks and the memory planner. The vocabulary keeps its real size (the byte ids are its first
-# rows), so the fused loss sees the real [tokens x V] work.
-PRESETS = {
-    "qwen2.5-0.5b": dict(arch="qwen2", hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
-                         num_kv_heads=2, head_dim=64, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-1.5b": dict(arch="qwen2", hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
-                         num_kv_heads=2, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(arch="qwen2", hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
-                       num_kv_heads=4, head_dim=128, vocab_size=152064, tie_word_embeddings=False),
-    "gemma-7b": dict(arch="gemma", hidden_size=3072, intermediate_size=24576, num_layers=28, num_heads=16,
-                     num_kv_heads=16, head_dim=256, vocab_size=256000, tie_word_embeddings=True),
-}
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    path: str | None = None  # a Hugging Face folder; None: build a random-init student from the fields below
-    preset: str | None = None  # a real shape with random weights (qwen2.5-0.5b | qwen2.5-1.5b | qwen2.5-7b | gemma-7b)
-    hidden_size: int = 192
-    intermediate_size: int = 512
-    num_layers: int = 4
-    head_dim: int = 64  # 64 so vLLM's CPU attention takes it
-    max_position_embeddings: int = 4096
-    tokenizer: str = "byte"  # a built student's tokenizer: byte (one token per byte) | arithmetic (BPE of the built-in domain)
-    tokenizer_style: str = "chatml"  # chat template: chatml | llama3
-    dtype: str = "float32"  # parameter dtype: float32 (master weights; bf16 autocast on CUDA) | bfloat16
-    tie_embeddings: bool = False  # a built student: lm_head shares the input embedding matrix
-    lora_rank: int = 0  # > 0: train LoRA adapters (peft) instead of all weights
-    lora_alpha: int = 64
-    liger: bool = False  # Liger-Kernel RMSNorm / SwiGLU / RoPE patches (GPU)
-    gradient_checkpointing: bool = False
-
-    def __post_init__(self):
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"ModelConfig.preset must be one of {sorted(PRESETS)} or None, got {self.preset!r}")
-        if self.hidden_size % self.head_dim:
-            raise ValueError(f"ModelConfig.hidden_size {self.hidden_size} is not a multiple of head_dim {self.head_dim}")
-        if self.tokenizer not in ("byte", "arithmetic"):
-            raise ValueError(f"ModelConfig.tokenizer must be 'byte' or 'arithmetic', got {self.tokenizer!r}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"ModelConfig.dtype must be float32 or bfloat16, got {self.dtype!r}")
-        if self.lora_rank < 0:
-            raise ValueError(f"ModelConfig.lora_rank must be >= 0, got {self.lora_rank}")
+from exgrpo.attention import IMPL, packed_model_kwargs, use_packed_attention
+from exgrpo.config import PRESETS, ModelConfig
+from exgrpo.tokenizer import arithmetic_tokenizer, byte_tokenizer
+from exgrpo_kernels.integrations import logit_options
 
 
 def hf_config(cfg: ModelConfig, tok):
-    """The transformers config of a random-init student (tiny Llama, or a preset's real shape)."""
+    """The transformers config of a random-init student (tiny Llama / Qwen2, or a preset's real shape). The vocabulary
+    is the tokenizer's, or ``cfg.vocab_size`` rows when larger (the tokenizer's ids first)."""
     if cfg.preset is None:
         heads = cfg.hidden_size // cfg.head_dim
-        return transformers.LlamaConfig(
-            vocab_size=len(tok), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_layers, num_attention_heads=heads, num_key_value_heads=heads, head_dim=cfg.head_dim,
-            max_position_embeddings=cfg.max_position_embeddings, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=cfg.tie_embeddings)
+        cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[cfg.arch]
+        return cls(vocab_size=max(len(tok), cfg.vocab_size or 0), hidden_size=cfg.hidden_size,
+                   intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers, num_attention_heads=heads,
+                   num_key_value_heads=heads, head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
+                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                   tie_word_embeddings=cfg.tie_embeddings)
     p = PRESETS[cfg.preset]
     cls = {"qwen2": transformers.Qwen2Config, "gemma": transformers.GemmaConfig, "llama": transformers.LlamaConfig}[p["arch"]]
     return cls(vocab_size=p["vocab_size"], hidden_size=p["hidden_size"], intermediate_size=p["intermediate_size"],
@@ -79,7 +39,6 @@ def hf_config(cfg: ModelConfig, tok):
 
 def build_student(cfg: ModelConfig, seed: int = 0, device="cpu"):
     """(model, tokenizer). The model uses packed (varlen) attention for training; generation switches to sdpa."""
-    from exgrpo.tokenizer import arithmetic_tokenizer, byte_tokenizer
     if cfg.liger:
         _apply_liger(cfg)
     if cfg.path:
@@ -135,38 +94,55 @@ class LMHead:
 
 
 def logit_transform_of(config) -> tuple[float | None, float]:
-    """(softcap, logit_scale) of a transformers config: see exgrpo_kernels.integrations._hf.logit_options."""
+    """(softcap, logit_scale) of a transformers config: see exgrpo_kernels.integrations.logit_options."""
     return logit_options(config)
 
 
 class PolicyHidden(torch.nn.Module):
-    """forward(batch) -> last hidden states [N, H] of a PackedBatch; ``lm_head`` is the [V, H] weight.
+    """A causal LM's hidden-state view for the fused kernels: no [N, V] logits.
 
-    forward(batch, head) -> head(hidden [N, H], LMHead (weight [V, H], bias, logit transform), batch): the loss computed
-    inside the module's forward. DDP and FSDP2 then see one forward per micro-batch, and under FSDP2 the
-    lm_head weight is unsharded while the fused kernel reads it (its gradient is reduce-scattered like every
-    other). The loss kernels take hidden states and the weight directly: no [N, V] logits."""
+    forward(batch) -> last hidden states [N, H] of a PackedBatch (one packed row, position ids restarting per
+    sequence). forward(batch, loss_fn) -> loss_fn(hidden [N, H], LMHead (weight [V, H], bias, logit transform),
+    batch): the loss computed inside the module's forward, so DDP and FSDP2 see one forward per micro-batch and
+    under FSDP2 the lm_head weight is unsharded while the fused kernel reads it (its gradient is reduce-scattered
+    like every other).
+
+    Wrapping a model switches it to packed attention (``exgrpo.attention``): a packed row then never attends across
+    a sequence border. A model whose attention implementation is changed afterwards is refused at the next forward
+    (its packed sequences would leak into each other)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
+        use_packed_attention(base_causal_lm(model))
 
     @property
     def causal_lm(self):
         return base_causal_lm(self.model)
 
     @property
-    def lm_head(self) -> torch.Tensor:
+    def lm_head_weight(self) -> torch.Tensor:
         """The [V, H] output weight."""
         return self.causal_lm.get_output_embeddings().weight
 
-    def head(self) -> LMHead:
+    def output_layer(self) -> LMHead:
         out = self.causal_lm.get_output_embeddings()
         softcap, scale = logit_transform_of(self.causal_lm.config)
         return LMHead(out.weight, getattr(out, "bias", None), softcap, scale)
 
-    def forward(self, batch, head=None):
-        """head(hidden [N, H], LMHead, batch): the loss or log-probs from the hidden states, inside this forward."""
+    def forward(self, batch, loss_fn=None):
+        """loss_fn(hidden [N, H], LMHead, batch): the loss or log-probs from the hidden states, inside this forward."""
+        impl = self.causal_lm.config._attn_implementation
+        if impl != IMPL:
+            raise RuntimeError(f"PolicyHidden: the model's attention implementation is {impl!r}, not {IMPL!r}: packed "
+                               f"sequences would attend across their borders (use_packed_attention(model) again)")
         decoder = getattr(self.causal_lm, self.causal_lm.base_model_prefix)
         h = decoder(**packed_model_kwargs(batch)).last_hidden_state[0]
-        return h if head is None else head(h, self.head(), batch)
+        return h if loss_fn is None else loss_fn(h, self.output_layer(), batch)
+
+
+def load_policy(model_cfg: ModelConfig, init: str | None, seed: int, device):
+    """(model, tokenizer): the Hugging Face folder ``init`` when given (with the rest of ``model_cfg``: LoRA,
+    checkpointing, ...), else the model ``model_cfg`` describes."""
+    mc = dataclasses.replace(model_cfg, path=init) if init else model_cfg
+    return build_student(mc, seed=seed, device=device)

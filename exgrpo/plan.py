@@ -37,56 +37,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from exgrpo.model import PRESETS, ModelConfig
+from exgrpo.config import PRESETS, ModelConfig, PlanConfig, card_gib
 
 GIB = 1 << 30
 # the terms alive only during one micro-batch's forward and backward
 MICRO_BATCH_TERMS = ("activations", "attention scores", "bf16 weight copies", "fused loss")
-CARDS = {"h100": 80.0, "h200": 141.0, "a100-80": 80.0, "a100-40": 40.0, "l40s": 48.0, "4090": 24.0}
-
-
-@dataclass(frozen=True)
-class PlanConfig:
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(preset="qwen2.5-7b"))
-    parallel: str = "fsdp2"  # ddp | fsdp2
-    world_size: int = 8  # GPUs
-    precision: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
-    micro_batch_tokens: int = 8192  # packed tokens per forward/backward
-    memory_mode: str = "fast"  # the fused loss: fast | low_memory
-    beta: float = 0.04  # KL weight: > 0 needs the reference policy
-    vllm_gpu_memory_utilization: float = 0.3  # the colocated vLLM's share of the card while it generates; 0: none
-    vllm_sleep_level: int = 2
-    card: str = "h100"  # h100 | h200 | a100-80 | a100-40 | l40s | 4090, or a size in GiB ("96")
-    cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded weights, grads and optimizer state in host memory
-    attention: str = "flash"  # flash (flash-attn / torch varlen: no [T x T]) | math (SDPA's math path, the CPU's)
-    seq_len: int = 1024  # typical packed sequence length (the math path saves [heads, len, len] scores per sequence)
-    fsdp_param_dtype: str = "float32"  # FSDPConfig.param_dtype: the dtype FSDP2 gathers layers in (bfloat16: no casts)
-
-    def __post_init__(self):
-        if self.parallel not in ("ddp", "fsdp2"):
-            raise ValueError(f"PlanConfig.parallel must be ddp or fsdp2, got {self.parallel!r}")
-        if self.world_size < 1:
-            raise ValueError(f"PlanConfig.world_size must be >= 1, got {self.world_size}")
-        if self.precision not in ("bf16", "fp32"):
-            raise ValueError(f"PlanConfig.precision must be bf16 or fp32, got {self.precision!r}")
-        if self.attention not in ("flash", "math"):
-            raise ValueError(f"PlanConfig.attention must be flash or math, got {self.attention!r}")
-        if self.memory_mode not in ("fast", "low_memory"):
-            raise ValueError(f"PlanConfig.memory_mode must be fast or low_memory, got {self.memory_mode!r}")
-        if self.fsdp_param_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"PlanConfig.fsdp_param_dtype must be float32 or bfloat16, got {self.fsdp_param_dtype!r}")
-        card_gib(self.card)
-
-
-def card_gib(card: str) -> float:
-    if card in CARDS:
-        return CARDS[card]
-    try:
-        return float(card)
-    except ValueError:
-        raise ValueError(f"PlanConfig.card must be one of {sorted(CARDS)} or a size in GiB, got {card!r}") from None
 
 
 @dataclass(frozen=True)

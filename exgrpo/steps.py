@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from exgrpo import distributed, parallel
+import contextlib
+
+from exgrpo import distributed
+from exgrpo.config import PRECISIONS
 from exgrpo.microbatch import plan_micro_batches
 from exgrpo_kernels import (GRPOLossConfig, PackedBatch, fused_linear_grpo_loss, fused_linear_logprobs,
                             fused_linear_nll_loss, pack_sequences)
-
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -36,7 +37,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 class StepContext:
     """What every micro-step needs.
 
-    policy:  the trained model's hidden-state view (``PolicyHidden``: ``.lm_head`` is the [V, H] weight)
+    policy:  the trained model's hidden-state view (``exgrpo.model.PolicyHidden``)
     module:  what runs the forward: ``policy`` itself, or its DDP / FSDP2 wrapper
     ref:     the frozen reference policy's view (None: no KL term, or LoRA with adapters disabled, see
              ``reference_logprobs``)
@@ -121,7 +122,7 @@ def backward_micro_batches(ctx: StepContext, lengths, loss_of, *, sync_last: boo
     stats = MicroStats()
     mbs = plan if plan is not None else micro_batches(lengths, ctx.micro_batch_tokens)
     for j, mb in enumerate(mbs):
-        with parallel.sync_context(ctx.module, sync_last and j == len(mbs) - 1):
+        with distributed.sync_context(ctx.module, sync_last and j == len(mbs) - 1):
             loss, metrics = loss_of(mb)
             (loss * scale).backward()
         v = float(loss.detach())
@@ -155,18 +156,18 @@ def per_token_packed(values, device) -> torch.Tensor:
 # ================================================================================================ losses
 
 
-def nll_loss(ctx: StepContext, seqs, num_global_tokens: float) -> tuple[torch.Tensor, dict]:
+def nll_micro_loss(ctx: StepContext, seqs, num_global_tokens: float) -> tuple[torch.Tensor, dict]:
     """Token NLL of the masked tokens of ``seqs`` ([(ids, mask)]), / the global count (x world: DDP averages).
     An empty ``seqs`` gives a zero loss that still runs the forward."""
     b = pack(seqs or _dummy(), ctx.device)
 
-    def head(h, lm, b):
+    def loss_fn(h, lm, b):
         t = torch.where(b.loss_mask, b.targets, -100)
         return fused_linear_nll_loss(h, lm.weight, t, num_global_tokens=max(float(num_global_tokens), 1.0),
                                      backend=ctx.kernel_backend, **lm.kwargs()) * ctx.world
 
     with ctx.autocast():
-        loss = ctx.module(b, head)
+        loss = ctx.module(b, loss_fn)
     return loss, {}
 
 
@@ -180,12 +181,12 @@ def policy_logprobs(ctx: StepContext, model: torch.nn.Module, seqs, temperature:
     for mb in plan if plan is not None else micro_batches([len(s[0]) for s in seqs], ctx.micro_batch_tokens):
         b = pack([seqs[i] for i in mb] or _dummy(), ctx.device)
 
-        def head(h, lm, b):
+        def loss_fn(h, lm, b):
             return fused_linear_logprobs(h, lm.weight, b.targets, temperature=temperature, backend=ctx.kernel_backend,
                                          **lm.kwargs())
 
         with torch.no_grad(), ctx.autocast():
-            lp = model(b, head).float()
+            lp = model(b, loss_fn).float()
         if not mb:
             continue
         cu = b.cu_seqlens.tolist()
@@ -251,13 +252,13 @@ def _global_scale(cfg: GRPOLossConfig, b: PackedBatch, x: GRPOInputs, num_global
     return 1.0
 
 
-def grpo_loss(ctx: StepContext, x: GRPOInputs, idx: list[int], cfg: GRPOLossConfig,
-              num_global_tokens: float | None = None) -> tuple[torch.Tensor, dict]:
+def grpo_micro_loss(ctx: StepContext, x: GRPOInputs, idx: list[int], cfg: GRPOLossConfig,
+                    num_global_tokens: float | None = None) -> tuple[torch.Tensor, dict]:
     """GRPO loss of the micro-batch ``idx`` of ``x`` (x world, and scaled so that the micro-batches of the
     global batch add up to its loss), with its metrics. The generator/trainer log-prob mismatch is reported
     whether or not the generator correction is on."""
     if not idx:
-        return nll_loss(ctx, [], 1.0)[0] * 0.0, {}
+        return nll_micro_loss(ctx, [], 1.0)[0] * 0.0, {}
     num_global_tokens = num_global_tokens or x.num_global_tokens or sum(int(m[1:].sum()) for _, m in x.seqs)
     seqs = [x.seqs[i] for i in idx]
     b = pack(seqs, ctx.device)
@@ -266,25 +267,16 @@ def grpo_loss(ctx: StepContext, x: GRPOInputs, idx: list[int], cfg: GRPOLossConf
     gen, old, ref = pick(x.gen_logp), pick(x.old_logp), pick(x.ref_logp)
     seg, adv = x.segments(idx, ctx.device)
     cfg = cfg if cfg.backend != "auto" else cfg.replace(backend=ctx.kernel_backend)
-    gen_arg = gen if cfg.gen_correction != "off" else None
 
-    def head(h, lm, b):
+    def loss_fn(h, lm, b):  # gen_logp always given: the kernel reports the generator/trainer mismatch from its own
+        #                     log-probs (no second pass); it weights the loss only when gen_correction is on
         loss, m = fused_linear_grpo_loss(h, lm.weight, b.targets, b.seq_ids if seg is None else seg, adv, b.loss_mask,
-                                         cfg, old_logp=old,
-                                         ref_logp=ref if cfg.beta != 0 else None, gen_logp=gen_arg,
+                                         cfg, old_logp=old, ref_logp=ref if cfg.beta != 0 else None, gen_logp=gen,
                                          num_global_tokens=num_global_tokens, **lm.kwargs())
-        if gen_arg is None:  # mismatch between generator and trainer log-probs, logged every step
-            with torch.no_grad():
-                lp = fused_linear_logprobs(h.detach(), lm.weight.detach(), b.targets, temperature=cfg.temperature,
-                                           backend=cfg.backend, **dict(lm.kwargs(), bias=None if lm.bias is None
-                                                                        else lm.bias.detach()))
-                d = (lp - gen).abs()[b.loss_mask]
-                m["gen_logp_abs_diff_mean"] = d.mean() if d.numel() else d.new_zeros(())
-                m["gen_logp_abs_diff_max"] = d.max() if d.numel() else d.new_zeros(())
         return loss * scale, m
 
     with ctx.autocast():
-        return ctx.module(b, head)
+        return ctx.module(b, loss_fn)
 
 
 def reference_logprobs(ctx: StepContext, seqs, temperature: float, plan) -> list[torch.Tensor]:
@@ -347,15 +339,17 @@ def gather_batch(x: GRPOInputs, aux: list) -> tuple[GRPOInputs, list]:
     return g, cat(5)
 
 
-def grpo_update(ctx: StepContext, x: GRPOInputs, aux: list, loss_cfg: GRPOLossConfig, aux_weight: float,
-                updates: int, optimizer_step) -> UpdateResult:
-    """``updates`` policy updates on one batch: reference log-probs once (beta > 0), old log-probs before the
-    first update when updates > 1, the GRPO loss (+ aux_weight x NLL of ``aux`` [(ids, mask)]), then
-    ``optimizer_step(finite) -> (stepped, grad_norm)``. The sequences of all ranks are planned together: each rank
-    trains its share of the global batch (balanced tokens), whichever rank generated them.
+def grpo_update(ctx: StepContext, x: GRPOInputs, aux: list, loss_cfg: GRPOLossConfig, optimizer_step, *,
+                aux_weight: float = 0.0, updates: int = 1, timer=None) -> UpdateResult:
+    """``updates`` policy updates on one batch: reference log-probs once (beta > 0), old log-probs before the first
+    update when there are several, the GRPO loss (+ aux_weight x NLL of ``aux`` [(ids, mask)]), then
+    ``optimizer_step(finite) -> (stepped, grad_norm)``. The sequences of all ranks are planned
+    together: each rank trains its share of the global batch (balanced tokens), whichever rank generated them.
+    ``timer``: a ``metrics.PhaseTimer`` that receives the phases ref, old, policy, aux and optim.
 
     A batch whose advantages are all zero (every group tied) has no policy gradient: its backward is skipped
     (the mismatch is still measured); with no auxiliary loss there is then no optimizer step either."""
+    phase = timer or (lambda name: contextlib.nullcontext())
     x, aux = gather_batch(x, aux)
     x.num_global_tokens = float(sum(int(m[1:].sum()) for _, m in x.seqs))
     x.num_global_seqs = float(len(x.seqs))
@@ -364,33 +358,39 @@ def grpo_update(ctx: StepContext, x: GRPOInputs, aux: list, loss_cfg: GRPOLossCo
     plan = global_plan([len(s[0]) for s in x.seqs], ctx.micro_batch_tokens)
     aux_plan = global_plan([len(s[0]) for s in aux], ctx.micro_batch_tokens) if aux else None
     if loss_cfg.beta != 0 and not all_zero:
-        x.ref_logp = reference_logprobs(ctx, x.seqs, loss_cfg.temperature, plan)
+        with phase("ref"):
+            x.ref_logp = reference_logprobs(ctx, x.seqs, loss_cfg.temperature, plan)
     if updates > 1 and not all_zero:
-        x.old_logp = policy_logprobs(ctx, ctx.module, x.seqs, loss_cfg.temperature, plan)
+        with phase("old"):
+            x.old_logp = policy_logprobs(ctx, ctx.module, x.seqs, loss_cfg.temperature, plan)
     lengths = [len(s[0]) for s in x.seqs]
     res = UpdateResult(loss=0.0, aux_loss=0.0, skipped_zero_adv=all_zero)
     stats = MicroStats()
     for update in range(updates):
         finite = True
         if not all_zero:
-            pol = backward_micro_batches(ctx, lengths, lambda mb: grpo_loss(ctx, x, mb, loss_cfg), sync_last=not aux,
-                                         plan=plan)
+            with phase("policy"):
+                pol = backward_micro_batches(ctx, lengths, lambda mb: grpo_micro_loss(ctx, x, mb, loss_cfg),
+                                             sync_last=not aux, plan=plan)
             finite &= pol.finite
             res.loss += distributed.all_sum(pol.loss)
             if update == 0:
                 stats = pol
         elif update == 0:
-            stats = mismatch_only(ctx, x, loss_cfg.temperature, plan)
+            with phase("policy"):
+                stats = mismatch_only(ctx, x, loss_cfg.temperature, plan)
         if aux:  # lambda x SFT on the probes' teacher rationales
-            a = backward_micro_batches(ctx, [len(s[0]) for s in aux],
-                                       lambda mb: nll_loss(ctx, [aux[i] for i in mb], n_aux), scale=aux_weight,
-                                       plan=aux_plan)
+            with phase("aux"):
+                a = backward_micro_batches(ctx, [len(s[0]) for s in aux],
+                                           lambda mb: nll_micro_loss(ctx, [aux[i] for i in mb], n_aux),
+                                           scale=aux_weight, plan=aux_plan)
             finite &= a.finite
             res.aux_loss += distributed.all_sum(a.loss)
-        if all_zero and not aux:
-            optimizer_step(None)
-            continue
-        stepped, res.grad_norm = optimizer_step(finite)
+        with phase("optim"):
+            if all_zero and not aux:
+                optimizer_step(None)
+                continue
+            stepped, res.grad_norm = optimizer_step(finite)
         res.skipped_nonfinite = not stepped
     res.metrics = stats.global_metrics()
     return res
@@ -405,6 +405,25 @@ def sft_backward(ctx: StepContext, seqs, global_batch: bool = False) -> MicroSta
         plan = global_plan(lengths, ctx.micro_batch_tokens)
     else:
         n_global, plan = global_token_count(m for _, m in seqs), None
-    stats = backward_micro_batches(ctx, lengths, lambda mb: nll_loss(ctx, [seqs[i] for i in mb], n_global), plan=plan)
+    stats = backward_micro_batches(ctx, lengths, lambda mb: nll_micro_loss(ctx, [seqs[i] for i in mb], n_global), plan=plan)
     stats.metric_sums["num_tokens"] = n_global
     return stats
+
+
+def step_context(cfg, policy, device, ref=None) -> StepContext:
+    """The micro-step context of a run config (SFTConfig or TrainConfig): the policy wrapped for the data
+    parallelism of ``cfg.parallel`` (sharded in place under FSDP2: build the optimizer after this), a frozen
+    reference sharded the same way."""
+    module = distributed.wrap(policy, cfg.parallel, cfg.fsdp, device)
+    if cfg.parallel == "fsdp2":
+        if ref is not None:
+            distributed.wrap(ref, "fsdp2", cfg.fsdp, device)
+        # FSDP2 initialises lazily at the first forward, which must go through the root: run it here, before any
+        # generation calls the inner causal LM (that would make each layer a root of its own)
+        with torch.no_grad():
+            for m in (module, ref):
+                if m is not None:
+                    m(dummy_batch(device))
+    return StepContext(policy=policy, module=module, device=device, world=distributed.world(),
+                       autocast_dtype=autocast_dtype(cfg.precision, device), kernel_backend=cfg.kernel_backend,
+                       micro_batch_tokens=cfg.micro_batch_tokens, ref=ref)

@@ -15,7 +15,8 @@ import tempfile
 
 import torch
 
-from exgrpo.generation import Completion, GenerationBackend, SamplingConfig
+from exgrpo.config import SamplingConfig
+from exgrpo.generation import Completion, GenerationBackend
 from exgrpo.model import base_causal_lm
 
 

@@ -2,6 +2,7 @@
 matmuls with fp32 accumulation."""
 from __future__ import annotations
 
+import enum
 import functools
 import os
 
@@ -14,7 +15,19 @@ if __package__ != "exgrpo_kernels":
 from . import _native  # noqa: E402  (after the guard: loads the C++ CPU kernels)
 
 IGNORE_INDEX = -100
-_BACKENDS = ("auto", "triton", "torch", "native")
+
+
+class KernelBackend(str, enum.Enum):
+    """Who computes a kernel: ``auto`` (Triton on CUDA; on the CPU the C++ kernels where built, else the torch
+    twins), ``triton``, ``native`` (C++, CPU) or ``torch`` (the chunked torch twins)."""
+
+    AUTO = "auto"
+    TRITON = "triton"
+    TORCH = "torch"
+    NATIVE = "native"
+
+
+KERNEL_BACKENDS = tuple(b.value for b in KernelBackend)
 BACKEND_ENV = "EXGRPO_KERNEL_BACKEND"  # forces the backend that "auto" resolves to (CI: triton under the interpreter)
 
 
@@ -27,12 +40,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """``auto`` -> ``triton`` on CUDA; on the CPU ``native`` (the C++ kernels of csrc/) where they are built, else
     ``torch`` (the torch twins); unless ``$EXGRPO_KERNEL_BACKEND`` names one. ``triton`` on a CPU tensor needs the
     interpreter; ``native`` needs a CPU tensor and the built extension."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
     if backend == "auto":
         forced = os.environ.get(BACKEND_ENV, "auto")
-        if forced not in _BACKENDS:
-            raise ValueError(f"${BACKEND_ENV} must be one of {_BACKENDS}, got {forced!r}")
+        if forced not in KERNEL_BACKENDS:
+            raise ValueError(f"${BACKEND_ENV} must be one of {KERNEL_BACKENDS}, got {forced!r}")
         backend = forced
     if backend == "auto":
         if device.type == "cuda":

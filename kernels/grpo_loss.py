@@ -32,6 +32,7 @@ from ._utils import (
     FLOAT_DTYPES,
     IGNORE_INDEX,
     INT_DTYPES,
+    KERNEL_BACKENDS,
     acc_dtype,
     addmm_fp32_,
     auto_chunk,
@@ -100,7 +101,7 @@ class GRPOLossConfig:
     def __post_init__(self):
         for name, allowed in (("loss_type", LOSS_TYPES), ("importance_sampling", IMPORTANCE_LEVELS),
                               ("kl_estimator", KL_ESTIMATORS), ("gen_correction", GEN_CORRECTIONS),
-                              ("memory_mode", MEMORY_MODES), ("backend", ("auto", "triton", "torch", "native"))):
+                              ("memory_mode", MEMORY_MODES), ("backend", KERNEL_BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GRPOLossConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not 0 <= self.eps_low < 1:

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import _native
-from ._utils import IGNORE_INDEX, interpret_mode, resolve_backend
+from ._utils import IGNORE_INDEX, KERNEL_BACKENDS, interpret_mode, resolve_backend
 
 
 @dataclass
@@ -143,8 +143,8 @@ def pack_sequences(sequences, lengths: torch.Tensor | None = None, *, token_mask
         PackedBatch (fields documented there) on the device of the input.
     """
     tokens, lengths, tmask = _flatten(sequences, lengths, token_mask)
-    if backend not in ("auto", "triton", "torch", "native"):
-        raise ValueError(f"backend must be one of ('auto', 'triton', 'torch', 'native'), got {backend!r}")
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = ("triton" if (tokens.is_cuda or interpret_mode()) else
                    "native" if (_native.AVAILABLE and tokens.device.type == "cpu") else "torch")

@@ -14,9 +14,13 @@ from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from exgrpo.model import ModelConfig, PolicyHidden, build_student  # noqa: E402
-from exgrpo.steps import StepContext, nll_loss  # noqa: E402
-from exgrpo.trainer import OptimConfig, make_optimizer  # noqa: E402
+from exgrpo.config import (
+    ModelConfig,  # noqa: E402
+    OptimConfig,  # noqa: E402
+)
+from exgrpo.model import PolicyHidden, build_student  # noqa: E402
+from exgrpo.optim import make_optimizer  # noqa: E402
+from exgrpo.steps import StepContext, nll_micro_loss  # noqa: E402
 
 
 class LiveBytes(TorchDispatchMode):
@@ -57,7 +61,7 @@ def main(H, L, inter, T, ckpt, precision):
                           autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
         opt, _ = make_optimizer(model, OptimConfig(lr=1e-3, warmup_steps=0), 10)
         for _ in range(2):  # the second step has AdamW's moments
-            loss, _ = nll_loss(ctx, seqs, T)
+            loss, _ = nll_micro_loss(ctx, seqs, T)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

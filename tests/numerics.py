@@ -3,7 +3,6 @@ tolerance rule of TARGETS.md (no worse than 2x torch's own low-precision pipelin
 that a wrong formula, index or scale exceeds by orders of magnitude)."""
 import pytest
 import torch
-
 from exgrpo_kernels import _native
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

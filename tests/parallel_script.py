@@ -9,11 +9,13 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from exgrpo import distributed  # noqa: E402
-from exgrpo.model import ModelConfig, PolicyHidden, build_student  # noqa: E402
-from exgrpo.parallel import full_state_dict  # noqa: E402
-from exgrpo.steps import grpo_update  # noqa: E402
-from exgrpo.trainer import (NonFiniteGuard, OptimConfig, RolloutBatch, SFTConfig, TrainConfig,  # noqa: E402
-                            make_optimizer, optimizer_step, sft, step_context)
+from exgrpo.checkpoint import full_state_dict  # noqa: E402
+from exgrpo.config import ModelConfig, OptimConfig, SFTConfig, TrainConfig  # noqa: E402
+from exgrpo.model import PolicyHidden, build_student  # noqa: E402
+from exgrpo.optim import NonFiniteGuard, make_optimizer, optimizer_step  # noqa: E402
+from exgrpo.rollouts import RolloutBatch  # noqa: E402
+from exgrpo.sft import sft  # noqa: E402
+from exgrpo.steps import grpo_update, step_context  # noqa: E402
 
 
 def main(data, out, par, tie, lora):
@@ -38,7 +40,7 @@ def main(data, out, par, tie, lora):
     policy = PolicyHidden(model).train()
     ctx = step_context(cfg, policy, device)
     opt, sched = make_optimizer(model, cfg.optim, 10)
-    m = grpo_update(ctx, batch.inputs(), [], cfg.loss.replace(beta=0.0), 0.0, 1,
+    m = grpo_update(ctx, batch.inputs(), [], cfg.loss.replace(beta=0.0),
                     lambda ok: optimizer_step(model, opt, sched, cfg.optim, ok, NonFiniteGuard(5))).record()
     weights = full_state_dict(model) if par == "fsdp2" else {k: v.detach().clone() for k, v in model.state_dict().items()}
     if distributed.is_main():

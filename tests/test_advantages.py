@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from exgrpo_kernels import grouped_advantages, grouped_advantages_reference
 
 

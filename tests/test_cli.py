@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
-    from exgrpo.ei.pipeline import EIConfig, run_ei
+    from exgrpo.config import EIConfig
+    from exgrpo.ei.pipeline import run_ei
     run_ei(EIConfig(limit=4, rules_per_example=2, out_dir=str(d / "ei")), progress=False)
     (d / "empty").mkdir()
     ck = d / "run" / "checkpoints"

@@ -9,14 +9,14 @@ import subprocess
 import sys
 import textwrap
 
+import exgrpo_kernels._rows as rows
 import pytest
 import torch
+from exgrpo_kernels import GRPOLossConfig, _native, grpo_loss_reference, logprobs_reference, nll_loss_reference
 
-import exgrpo_kernels._rows as rows
-from exgrpo.model import ModelConfig, PolicyHidden, build_student
+from exgrpo.config import ModelConfig
+from exgrpo.model import PolicyHidden, build_student
 from exgrpo.steps import GRPOInputs, StepContext, autocast_dtype, grpo_update, policy_logprobs, sft_backward
-from exgrpo_kernels import GRPOLossConfig, grpo_loss_reference, logprobs_reference, nll_loss_reference
-from exgrpo_kernels import _native
 from tests.numerics import BACKENDS, DEVICE, GemmRecorder, rel_err
 
 TINY = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2)
@@ -119,7 +119,7 @@ def _grpo_step(model, backend, monkeypatch, seqs, adv, gen, aux, cfg, updates=1,
                     p -= 0.05 * p.grad
                     p.grad = None
         return True, 0.0
-    res = grpo_update(ctx, x, aux, cfg, 0.1, updates, step)
+    res = grpo_update(ctx, x, aux, cfg, step, aux_weight=0.1, updates=updates)
     return res, seen, x
 
 
@@ -216,7 +216,7 @@ def test_bf16_autocast_through_the_trainer(monkeypatch, backend):
     model.zero_grad()
     x = GRPOInputs(seqs=seqs, advantages=torch.randn(4, generator=g), gen_logp=[torch.zeros(len(s[0])) for s in seqs])
     with GemmRecorder() as rec:
-        grpo_update(ctx, x, [], GRPOLossConfig(beta=0.0), 0.0, 1, lambda ok: (True, 0.0))
+        grpo_update(ctx, x, [], GRPOLossConfig(beta=0.0), lambda ok: (True, 0.0))
     assert {d for c in rec.vocab_gemms(V) for d in (c[3], c[4])} == {torch.bfloat16}
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
 

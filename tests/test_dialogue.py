@@ -5,10 +5,10 @@ import os
 
 import pytest
 import torch
+from exgrpo_kernels import pack_sequences
 
 from exgrpo.dialogue import DialogueTokenizer
 from exgrpo.tokenizer import byte_tokenizer, trained_bpe_tokenizer
-from exgrpo_kernels import pack_sequences
 from tests.conftest import SHARED_DATA
 
 

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from exgrpo.config import load_config
-from exgrpo.ei.pipeline import EIConfig, run_ei
+from exgrpo.config import EIConfig, load_config
+from exgrpo.ei.pipeline import run_ei
 from exgrpo.ei.teacher import SymbolicBatchTeacher
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -87,7 +87,8 @@ def test_resume_after_kill_redoes_nothing(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {ROOT!r})
-        from exgrpo.ei.pipeline import EIConfig, run_ei
+        from exgrpo.config import EIConfig
+        from exgrpo.ei.pipeline import run_ei
         from exgrpo.ei.teacher import SymbolicBatchTeacher
         class Slow(SymbolicBatchTeacher):
             def probes(self, items):

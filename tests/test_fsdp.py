@@ -12,8 +12,9 @@ import time
 import pytest
 import torch
 
-from exgrpo.ei.pipeline import EIConfig, run_ei
-from exgrpo.model import ModelConfig, build_student
+from exgrpo.config import EIConfig, ModelConfig
+from exgrpo.ei.pipeline import run_ei
+from exgrpo.model import build_student
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -111,10 +112,13 @@ def test_lora_reference_is_the_policy_with_adapters_off(data, tmp_path, monkeypa
     weights): they equal the base model's, while the policy's own (adapters on) differ; train() loads one model."""
     import dataclasses
 
-    import exgrpo.trainer as T
+    import exgrpo.grpo as T
+
+    from exgrpo.config import SFTConfig, TrainConfig
+    from exgrpo.grpo import train
     from exgrpo.model import PolicyHidden
+    from exgrpo.sft import sft
     from exgrpo.steps import StepContext, policy_logprobs, reference_logprobs
-    from exgrpo.trainer import SFTConfig, TrainConfig, sft, train
     tiny = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2)
     init = sft(SFTConfig(data=data, model=tiny, out_dir=str(tmp_path / "sft"), max_steps=1, batch_dialogues=4,
                          progress=False))["final"]
@@ -135,7 +139,7 @@ def test_lora_reference_is_the_policy_with_adapters_off(data, tmp_path, monkeypa
     calls = []
     orig = T.load_policy
     monkeypatch.setattr(T, "load_policy", lambda *a, **k: calls.append(1) or orig(*a, **k))
-    from exgrpo.generation import SamplingConfig
+    from exgrpo.config import SamplingConfig
     train(TrainConfig(data=data, init=init, model=dataclasses.replace(tiny, lora_rank=4, lora_alpha=8), steps=1,
                       questions_per_step=2, G=2, k=2, k_partial=1, sampling=SamplingConfig(max_new_tokens=8),
                       out_dir=str(tmp_path / "rl"), progress=False, backend="transformers"))

@@ -5,9 +5,9 @@ import itertools
 
 import pytest
 import torch
-
 from exgrpo_kernels import GRPOLossConfig, fused_linear_grpo_loss, grpo_loss_reference, logprobs_reference
 from exgrpo_kernels.grpo_loss import LOSS_TYPES
+
 from tests.numerics import BACKENDS, DEVICE, make_inputs, rel_err, tolerance
 
 

@@ -5,12 +5,19 @@ the import name: a checkout on sys.path never stands in for Hugging Face's `kern
 import importlib
 import sys
 
+import exgrpo_kernels._rows as rows
 import pytest
 import torch
+from exgrpo_kernels import (
+    GRPOLossConfig,
+    fused_linear_grpo_loss,
+    fused_linear_logprobs,
+    fused_linear_nll_loss,
+    grpo_loss_reference,
+    logprobs_reference,
+    nll_loss_reference,
+)
 
-import exgrpo_kernels._rows as rows
-from exgrpo_kernels import (GRPOLossConfig, fused_linear_grpo_loss, fused_linear_logprobs, fused_linear_nll_loss,
-                            grpo_loss_reference, logprobs_reference, nll_loss_reference)
 from tests.numerics import BACKENDS, DEVICE, make_inputs, rel_err, tolerance
 
 HEADS = [dict(softcap=None, logit_scale=1.0), dict(softcap=2.5, logit_scale=1.0), dict(softcap=None, logit_scale=0.6),

@@ -16,8 +16,8 @@ import zipfile
 
 import pytest
 import torch
-
 from exgrpo_kernels.integrations import FusedLinearGRPOLoss
+
 from tests.numerics import rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,9 +117,8 @@ def _tiny_causal_lm(arch="llama", seed=0):
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_trl_fused_head_parity(arch):
     pytest.importorskip("trl")
-    from trl.trainer.utils import add_fused_lm_head as trl_head
-
     from exgrpo_kernels.integrations.trl import add_fused_lm_head as our_head
+    from trl.trainer.utils import add_fused_lm_head as trl_head
     ids = torch.randint(0, 97, (3, 14), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
     labels[:, :5] = -100
@@ -138,8 +137,9 @@ def test_trl_fused_head_parity(arch):
 def test_trl_grpo_trainer_two_steps_match(tmp_path):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
-    from exgrpo.tokenizer import byte_tokenizer
     from exgrpo_kernels.integrations.trl import GRPOTrainer
+
+    from exgrpo.tokenizer import byte_tokenizer
 
     tok = byte_tokenizer("chatml")
     data = datasets.Dataset.from_list([{"prompt": f"{a}+{b}="} for a in range(4) for b in range(2)])

@@ -3,14 +3,20 @@ twins with upstream gradients in every layout (dense, stride 0 from ``.sum()``, 
 strided and expanded 1-D inputs, non-contiguous hidden states, a vocabulary spanning several BLOCK_V blocks,
 the token NLL (SFT) loss in 3 GEMMs, and the GEMM dtypes under autocast. Ground truth: float64 on the same
 inputs; the tolerance rule of tests/numerics.py."""
+import exgrpo_kernels._rows as rows
 import pytest
 import torch
+from exgrpo_kernels import (
+    GRPOLossConfig,
+    fused_linear_grpo_loss,
+    fused_linear_logprobs,
+    fused_linear_nll_loss,
+    grpo_loss_reference,
+    logprobs_reference,
+    nll_loss_reference,
+)
 
-import exgrpo_kernels._rows as rows
-from exgrpo_kernels import (GRPOLossConfig, fused_linear_grpo_loss, fused_linear_logprobs, fused_linear_nll_loss,
-                            grpo_loss_reference, logprobs_reference, nll_loss_reference)
 from tests.numerics import BACKENDS, DEVICE, GemmRecorder, make_inputs, rel_err, tolerance
-
 
 
 @pytest.fixture

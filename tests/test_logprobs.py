@@ -2,8 +2,8 @@
 grad-hidden and grad-weight, both backends, several dtypes, temperatures and odd shapes."""
 import pytest
 import torch
-
 from exgrpo_kernels import fused_linear_logprobs, logprobs_reference
+
 from tests.numerics import BACKENDS, DEVICE, make_inputs, rel_err, tolerance
 
 SHAPES = [  # N, H, V, chunk: V not a power of two, N not a multiple of the chunk, chunks of 1

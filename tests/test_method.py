@@ -5,16 +5,19 @@ import random
 
 import pytest
 import torch
-
-from exgrpo.dialogue import DialogueTokenizer
-from exgrpo.ei.pipeline import EIConfig, run_ei
-from exgrpo.generation import SamplingConfig
-from exgrpo.model import ModelConfig, PolicyHidden, build_student
-from exgrpo.steps import GRPOInputs, StepContext, grpo_loss
-from exgrpo.tokenizer import byte_tokenizer
-from exgrpo.trainer import (Prompt, SFTConfig, TrainConfig, perm_firing, build_prompts, scenarios, read_jsonl,
-                            score_rollouts, sft, sft_examples, train)
 from exgrpo_kernels import GRPOLossConfig, grpo_loss_reference
+
+from exgrpo.config import EIConfig, ModelConfig, SamplingConfig, SFTConfig, TrainConfig
+from exgrpo.dialogue import DialogueTokenizer
+from exgrpo.ei.pipeline import run_ei
+from exgrpo.grpo import train
+from exgrpo.io import read_jsonl
+from exgrpo.model import PolicyHidden, build_student
+from exgrpo.rewards import perm_firing, score_rollouts
+from exgrpo.rollouts import Prompt, build_prompts, scenarios
+from exgrpo.sft import sft, sft_examples
+from exgrpo.steps import GRPOInputs, StepContext, grpo_micro_loss
+from exgrpo.tokenizer import byte_tokenizer
 
 TINY = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2)
 
@@ -40,7 +43,7 @@ def test_sft_pairs_form_is_probe_then_rationale_alone(data, tmp_path):
         out = sft(SFTConfig(data=data, model=TINY, out_dir=str(tmp_path / fmt), max_steps=1, batch_dialogues=4,
                             format=fmt, progress=False))
         assert out["steps"] == 1
-    with pytest.raises(ValueError, match="SFTConfig.format must be 'pairs' or 'dialogue'"):
+    with pytest.raises(ValueError, match=r"SFTConfig.format must be one of \('pairs', 'dialogue'\), got 'turns'"):
         SFTConfig(format="turns")
 
 
@@ -54,9 +57,9 @@ def test_scenario_b_direct_question_and_random_truncation(data):
     a = [x for x in prompts if x.scenario == "A"][0]
     assert len(a.turns) == 4 and a.turns[-1] == q["question"] and a.probe_ids == [0, 1, 2, -1]
     rnd = TrainConfig(init=None, k=3, k_partial_mode="random")
-    kps = [scenarios(q, rnd, random.Random(s))["k_partial"] for s in range(60)]
+    kps = [scenarios(q, rnd, random.Random(s)).k_partial for s in range(60)]
     assert set(kps) == {0, 1, 2}  # uniform over [0, k)
-    assert kps == [scenarios(q, rnd, random.Random(s))["k_partial"] for s in range(60)]  # deterministic
+    assert kps == [scenarios(q, rnd, random.Random(s)).k_partial for s in range(60)]  # deterministic
 
 
 def test_independent_mode_prompts_and_groups(data):
@@ -119,7 +122,7 @@ def test_per_turn_advantages_reach_the_kernel_per_token():
     p = PolicyHidden(model)
     ctx = StepContext(policy=p, module=p, device=torch.device("cpu"))
     cfg = GRPOLossConfig(beta=0.0)
-    loss, _ = grpo_loss(ctx, x, [0], cfg)
+    loss, _ = grpo_micro_loss(ctx, x, [0], cfg)
     from exgrpo.attention import IMPL
     model.set_attn_implementation("sdpa")
     h = model.model(input_ids=ids[None]).last_hidden_state[0]

@@ -7,7 +7,7 @@ import transformers
 
 from exgrpo.attention import use_packed_attention
 from exgrpo.model import PolicyHidden, logit_transform_of
-from exgrpo.steps import StepContext, nll_loss, policy_logprobs
+from exgrpo.steps import StepContext, nll_micro_loss, policy_logprobs
 
 COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
@@ -52,7 +52,7 @@ def test_lm_head_bias_gets_its_gradient():
     ctx = StepContext(policy=p, module=p, device=torch.device("cpu"))
     ids = torch.randint(0, 97, (15,), generator=torch.Generator().manual_seed(2))
     seq = [(ids, torch.ones_like(ids, dtype=torch.bool))]
-    loss, _ = nll_loss(ctx, seq, 14)
+    loss, _ = nll_micro_loss(ctx, seq, 14)
     loss.backward()
     gb = m.lm_head.bias.grad.clone()
     m.zero_grad()

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from exgrpo_kernels import _native, fused_linear_grpo_loss
 from exgrpo_kernels._rows import LogitTransform, _grad_torch, _stats_torch
 from exgrpo_kernels._utils import resolve_backend

@@ -3,9 +3,9 @@ Llama, Qwen2 and Gemma models equals running each sequence alone, for log-probs 
 import pytest
 import torch
 import transformers
+from exgrpo_kernels import fused_linear_logprobs, pack_sequences
 
 from exgrpo.attention import IMPL, block_causal_mask, cu_seqlens_from_position_ids, packed_model_kwargs, use_packed_attention
-from exgrpo_kernels import fused_linear_logprobs, pack_sequences
 
 
 def tiny(arch):
@@ -84,3 +84,32 @@ def test_mask_and_cu_seqlens_helpers():
     assert m[2, 0] and not m[3, 2] and not m[5, 3] and m[5, 4] and not m[0, 1]
     mw = block_causal_mask(cu, 6, "cpu", sliding_window=2)
     assert not mw[2, 0] and mw[2, 1]
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_bucketed_sdpa_equals_one_call_per_sequence(window):
+    # lengths that make several buckets (and empty / one-token sequences); float64 forward and every gradient
+    from exgrpo.attention import bucketed_sdpa, length_buckets
+    g = torch.Generator().manual_seed(3)
+    lengths = [int(n) for n in torch.randint(0, 40, (23,), generator=g)] + [0, 1, 2]
+    assert len(length_buckets(lengths)) > 2
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    H, N, D = 3, bounds[-1], 8
+    q, k, v = (torch.randn(H, N, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = bucketed_sdpa(q, k, v, bounds, scale=0.3, sliding_window=window)
+    ref = torch.full((N, H, D), float("nan"), dtype=torch.float64)
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e > s:
+            m = block_causal_mask(torch.tensor([0, e - s]), e - s, "cpu", window)
+            o = torch.nn.functional.scaled_dot_product_attention(q[None, :, s:e], k[None, :, s:e], v[None, :, s:e],
+                                                                 attn_mask=m, scale=0.3)
+            ref[s:e] = o[0].transpose(0, 1)
+    assert not ref.isnan().any()  # every position of the reference written
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    w = torch.randn(N, H, D, generator=g, dtype=torch.float64)
+    ga = torch.autograd.grad((out * w).sum(), (q, k, v))
+    gb = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)

@@ -1,8 +1,8 @@
 """pack_sequences / unpack against the one-sequence-at-a-time reference on random ragged inputs."""
 import pytest
 import torch
-
 from exgrpo_kernels import PackedBatch, pack_sequences, pack_sequences_reference, unpack
+
 from tests.numerics import BACKENDS, DEVICE
 
 

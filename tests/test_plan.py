@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from exgrpo.model import ModelConfig
-from exgrpo.plan import PlanConfig, plan, shape_of
+from exgrpo.config import ModelConfig, PlanConfig
+from exgrpo.plan import plan, shape_of
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from exgrpo.ei.pipeline import EIConfig, run_ei
-from exgrpo.ei.teacher import ChatClient, ChatConfig, TeacherError
+from exgrpo.config import ChatConfig, EIConfig
+from exgrpo.ei.pipeline import run_ei
+from exgrpo.ei.teacher import ChatClient, TeacherError
 from tests.conftest import SHARED_DATA
 from tests.vllm_server import Server, make_tiny_model
 

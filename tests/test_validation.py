@@ -1,7 +1,6 @@
 """Bad input to the public kernels: a ValueError that names the argument and the value."""
 import pytest
 import torch
-
 from exgrpo_kernels import GRPOLossConfig, fused_linear_grpo_loss, fused_linear_logprobs
 
 

@@ -9,12 +9,12 @@ import time
 
 import pytest
 import torch
-
-from exgrpo.dialogue import DialogueTokenizer
-from exgrpo.generation import SamplingConfig
-from exgrpo.model import ModelConfig, PolicyHidden, build_student
-from exgrpo.vllm_backend import EngineStartError, VLLMBackend
 from exgrpo_kernels import fused_linear_logprobs, pack_sequences
+
+from exgrpo.config import ModelConfig, SamplingConfig
+from exgrpo.dialogue import DialogueTokenizer
+from exgrpo.model import PolicyHidden, build_student
+from exgrpo.vllm_backend import EngineStartError, VLLMBackend
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 TINY = ModelConfig(hidden_size=128, intermediate_size=256, num_layers=2, head_dim=64)
@@ -33,7 +33,7 @@ def trainer_logprobs(model, seq, temperature=1.0):
     b = pack_sequences([torch.tensor(seq)])
     p = PolicyHidden(model)
     with torch.no_grad():
-        return fused_linear_logprobs(p(b), p.lm_head, b.targets, temperature=temperature)
+        return fused_linear_logprobs(p(b), p.lm_head_weight, b.targets, temperature=temperature)
 
 
 def test_samples_ids_logprobs_and_determinism(engine):
@@ -63,7 +63,7 @@ def test_weight_sync_after_a_step_matches_the_trainer(engine):
     opt = torch.optim.SGD(model.parameters(), lr=0.5)  # one real training step on this sequence
     b = pack_sequences([torch.tensor(seq)])
     p = PolicyHidden(model)
-    (-fused_linear_logprobs(p(b), p.lm_head, b.targets).sum()).backward()
+    (-fused_linear_logprobs(p(b), p.lm_head_weight, b.targets).sum()).backward()
     opt.step()
     t0 = time.time()
     vb.sync_weights(model)
@@ -93,8 +93,10 @@ def test_engine_close_frees_it_for_the_next_one(engine):
 
 
 def test_exgrpo_step_and_demo_with_vllm(tmp_path):
-    from exgrpo.ei.pipeline import EIConfig, run_ei
-    from exgrpo.trainer import SFTConfig, TrainConfig, sft, train
+    from exgrpo.config import EIConfig, SFTConfig, TrainConfig
+    from exgrpo.ei.pipeline import run_ei
+    from exgrpo.grpo import train
+    from exgrpo.sft import sft
     run_ei(EIConfig(limit=6, rules_per_example=2, out_dir=str(tmp_path / "ei")), progress=False)
     data = str(tmp_path / "ei" / "d_ei.jsonl")
     init = sft(SFTConfig(data=data, model=TINY, out_dir=str(tmp_path / "sft"), max_steps=1, batch_dialogues=4,
@@ -113,9 +115,11 @@ def test_eval_through_vllm_agrees_with_transformers(tmp_path):
     """exgrpo eval backend=vllm (every data set in one batched greedy request) gives the transformers backend's
     greedy answers on a small set, through the command itself."""
     from exgrpo.__main__ import main
-    from exgrpo.ei.pipeline import EIConfig, run_ei
+    from exgrpo.config import EIConfig, SFTConfig
+    from exgrpo.ei.pipeline import run_ei
+    from exgrpo.evaluate import evaluate
+    from exgrpo.sft import sft
     from exgrpo.tasks.arithmetic import make_split
-    from exgrpo.trainer import SFTConfig, evaluate, sft
     from exgrpo.vllm_backend import VLLMBackend
     run_ei(EIConfig(limit=24, rules_per_example=2, out_dir=str(tmp_path / "ei"), arith_ops=1), progress=False)
     final = sft(SFTConfig(data=str(tmp_path / "ei" / "d_ei.jsonl"), model=TINY, out_dir=str(tmp_path / "sft"),

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
-
-from exgrpo.dialogue import DialogueTokenizer
-from exgrpo.generation import SamplingConfig
-from exgrpo.model import ModelConfig, PolicyHidden, build_student
-from exgrpo.vllm_backend import VLLMServerBackend
 from exgrpo_kernels import fused_linear_logprobs, pack_sequences
+
+from exgrpo.config import ModelConfig, SamplingConfig
+from exgrpo.dialogue import DialogueTokenizer
+from exgrpo.model import PolicyHidden, build_student
+from exgrpo.vllm_backend import VLLMServerBackend
 from tests.vllm_server import Server
 
 TINY = ModelConfig(hidden_size=128, intermediate_size=256, num_layers=2, head_dim=64)
@@ -31,7 +31,7 @@ def logprobs(model, seq, tau):
     b = pack_sequences([torch.tensor(seq)])
     p = PolicyHidden(model)
     with torch.no_grad():
-        return fused_linear_logprobs(p(b), p.lm_head, b.targets, temperature=tau)
+        return fused_linear_logprobs(p(b), p.lm_head_weight, b.targets, temperature=tau)
 
 
 def test_generation_and_weight_push(server):
@@ -47,7 +47,7 @@ def test_generation_and_weight_push(server):
     opt = torch.optim.SGD(model.parameters(), lr=0.5)  # a real step, then the push
     b = pack_sequences([torch.tensor(prompt + a[0].ids)])
     p = PolicyHidden(model)
-    (-fused_linear_logprobs(p(b), p.lm_head, b.targets).sum()).backward()
+    (-fused_linear_logprobs(p(b), p.lm_head_weight, b.targets).sum()).backward()
     opt.step()
     be.sync_weights(model)
     c = be.generate([prompt], sc, generator_seed=3)[0]
@@ -59,8 +59,10 @@ def test_generation_and_weight_push(server):
 
 
 def test_exgrpo_step_in_server_mode(server, tmp_path):
-    from exgrpo.ei.pipeline import EIConfig, run_ei
-    from exgrpo.trainer import SFTConfig, TrainConfig, sft, train
+    from exgrpo.config import EIConfig, SFTConfig, TrainConfig
+    from exgrpo.ei.pipeline import run_ei
+    from exgrpo.grpo import train
+    from exgrpo.sft import sft
     s, _, _ = server
     run_ei(EIConfig(limit=6, rules_per_example=2, out_dir=str(tmp_path / "ei")), progress=False)
     data = str(tmp_path / "ei" / "d_ei.jsonl")

@@ -15,54 +15,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from exgrpo.config import save_config
+from exgrpo.config import EIConfig, save_config
 from exgrpo.data.answers import is_correct
 from exgrpo.data.loaders import Example, load_dataset
-from exgrpo.rules import RULE_NAMES, Probe, get_rules
-from exgrpo.ei.teacher import SOLVE, ChatClient, ChatConfig, LLMTeacher, SymbolicBatchTeacher, TransformersChat
+from exgrpo.rules import Probe
+from exgrpo.ei.teacher import SOLVE, ChatClient, LLMTeacher, SymbolicBatchTeacher, TransformersChat
 from exgrpo.io import AppendLog, atomic_write_json, write_jsonl_atomic
 from exgrpo.tasks.arithmetic import make_split
-
-
-@dataclass(frozen=True)
-class EIConfig:
-    data: tuple[str, ...] = ("arithmetic",)  # data set names (exgrpo.data.loaders) or "arithmetic"
-    data_root: str | None = None  # folder of <name>/ folders (default ../shared/data)
-    arith_ops: int = 2  # operations per problem of the built-in arithmetic domain
-    split: str = "train"
-    limit: int | None = 200  # examples per data set
-    teacher: str = "symbolic"  # symbolic (arithmetic only) | openai | transformers
-    teacher_noise: float = 0.0  # symbolic teacher: probability that a probe's rationale ends in a wrong answer
-    teacher_chat: ChatConfig = field(default_factory=ChatConfig)
-    teacher_model_path: str | None = None  # for teacher=transformers
-    student_model_path: str | None = None  # difficulty filter (Eq. 2); None: filter off
-    rules: tuple[str, ...] = RULE_NAMES
-    rules_per_example: int = 10  # k rules sampled per example
-    tau_hard: int = 1  # drop questions whose kept probes the student answers fewer than this many of
-    out_dir: str = "runs/ei"
-    batch_size: int = 32
-    seed: int = 0
-
-    def __post_init__(self):
-        from exgrpo.data.loaders import SPECS
-        for n in self.data:
-            if n != "arithmetic" and n not in SPECS:
-                raise ValueError(f"EIConfig.data: unknown data set {n!r}; known: arithmetic, {', '.join(sorted(SPECS))}")
-        get_rules(self.rules)
-        if not 1 <= self.rules_per_example <= len(self.rules):
-            raise ValueError(f"EIConfig.rules_per_example must be in [1, {len(self.rules)}], got {self.rules_per_example}")
-        if self.teacher not in ("symbolic", "openai", "transformers"):
-            raise ValueError(f"EIConfig.teacher must be symbolic, openai or transformers, got {self.teacher!r}")
-        if self.teacher == "symbolic" and any(d != "arithmetic" for d in self.data):
-            raise ValueError("EIConfig.teacher='symbolic' only knows the built-in 'arithmetic' data")
-        if self.tau_hard < 0:
-            raise ValueError(f"EIConfig.tau_hard must be >= 0, got {self.tau_hard}")
-        if self.batch_size < 1:
-            raise ValueError(f"EIConfig.batch_size must be >= 1, got {self.batch_size}")
 
 
 def load_examples(cfg: EIConfig) -> list[Example]:

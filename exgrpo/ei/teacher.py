@@ -18,8 +18,8 @@ import os
 import random
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
+from exgrpo.config import ChatConfig
 from exgrpo.data.answers import extract_answer, is_correct
 from exgrpo.rules import RULES, Probe, probe_answer_type
 from exgrpo.tasks.arithmetic import SymbolicTeacher
@@ -29,26 +29,6 @@ log = logging.getLogger(__name__)
 
 class TeacherError(RuntimeError):
     """A teacher request failed for good (a 4xx, or retries exhausted)."""
-
-
-@dataclass(frozen=True)
-class ChatConfig:
-    base_url: str = "http://127.0.0.1:8000/v1"
-    model: str = "teacher"
-    api_key_env: str = "OPENAI_API_KEY"  # the variable holding the key (empty / unset: "EMPTY")
-    max_concurrency: int = 8
-    max_retries: int = 5  # the openai client's retries of 408/409/429/5xx/timeouts (its backoff, Retry-After honoured)
-    timeout_s: float = 120.0
-    temperature: float = 0.0
-    max_tokens: int = 512
-
-    def __post_init__(self):
-        if self.max_concurrency < 1:
-            raise ValueError(f"ChatConfig.max_concurrency must be >= 1, got {self.max_concurrency}")
-        if self.max_retries < 0:
-            raise ValueError(f"ChatConfig.max_retries must be >= 0, got {self.max_retries}")
-        if not self.timeout_s > 0:
-            raise ValueError(f"ChatConfig.timeout_s must be > 0, got {self.timeout_s}")
 
 
 class ChatClient:

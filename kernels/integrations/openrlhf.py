@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..logprobs import fused_linear_logprobs
-from ._hf import logit_options
+from .hf import logit_options
 
 
 class FusedActor(torch.nn.Module):

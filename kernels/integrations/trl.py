@@ -20,7 +20,7 @@ import types
 import torch
 
 from ..logprobs import fused_linear_logprobs
-from ._hf import logit_options
+from .hf import logit_options
 
 SUPPORTED_OUTPUTS = ("log_probs", "entropy")
 

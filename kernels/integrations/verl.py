@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..logprobs import fused_linear_logprobs
-from ._hf import logit_options
+from .hf import logit_options
 
 
 class FusedLinearForPPO(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""One frozen dataclass config per command: loaded from YAML, overridden on the command line with
+"""The config machinery: a command's frozen dataclass loaded from YAML, overridden on the command line with
 ``key=value`` (nested: ``model.hidden_size=128``), checked, and saved into the run folder."""
 from __future__ import annotations
 

@@ -1,0 +1,150 @@
+"""`exgrpo train`: ExGRPO, GRPO over multi-turn probe dialogues with the Dialogue Structure Utility bonus.
+
+The loop, read top to bottom (``train_steps``): per step, the step's questions (deterministic in the step, so a
+resume replays it); the rollouts (the student answers every user turn: Scenario A's k probes then the question,
+Scenario B's first k'; or the independent / direct modes, ``exgrpo.rollouts``); the rewards, the DSU bonus and the
+group advantages (``exgrpo.rewards``); the training phase (reference log-probs once, then the GRPO loss and the
+auxiliary SFT loss on packed micro-batches, one guarded optimizer step: ``exgrpo.steps.grpo_update``); the weight
+sync to the generator; metrics (with every phase's wall time), samples, periodic evaluation and checkpoints.
+"""
+from __future__ import annotations
+
+import importlib.util
+import random
+
+from tqdm import tqdm
+
+from exgrpo import checkpoint, distributed
+from exgrpo.config import GenBackend, TrainConfig, save_config
+from exgrpo.dialogue import DialogueTokenizer
+from exgrpo.evaluate import eval_examples, evaluate
+from exgrpo.generation import GenerationBackend, TransformersBackend, multi_turn_rollouts
+from exgrpo.io import read_jsonl
+from exgrpo.metrics import MetricsLog, PhaseTimer, global_mean, peak_memory_gib
+from exgrpo.model import PolicyHidden, load_policy
+from exgrpo.optim import NonFiniteGuard, make_optimizer, optimizer_step
+from exgrpo.rewards import load_reward_fns, score_rollouts
+from exgrpo.rollouts import build_prompts, rollout_batch, sample_records, scenarios
+from exgrpo.steps import autocast_dtype, grpo_update, step_context
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Run ExGRPO; returns {"steps", "final": the Hugging Face folder of the trained policy (rank 0)}."""
+    steps = train_steps(cfg, resume)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def train_steps(cfg: TrainConfig, resume: bool = False):
+    """The training loop as a generator: yields each step's metric record; its return value is train()'s."""
+    distributed.check_launch(cfg.parallel, cfg.questions_per_step, "questions_per_step")
+    rank, world, device = distributed.init()
+    if distributed.is_main():
+        save_config(cfg, cfg.out_dir)
+    questions = [r for r in read_jsonl(cfg.data) if r["probes"] or cfg.mode == "direct"]
+    reward_fns = load_reward_fns(cfg.rewards)
+    held_out = eval_examples(cfg.eval_data) if cfg.eval_every else []
+    model, tok = load_policy(cfg.model, cfg.init, cfg.seed, device)
+    ref = None
+    if cfg.loss.beta != 0 and cfg.model.lora_rank == 0:  # the frozen reference: the same start
+        ref = PolicyHidden(load_policy(cfg.model, cfg.init, cfg.seed, device)[0].requires_grad_(False).eval()).eval()
+    dtok = DialogueTokenizer(tok)
+    policy = PolicyHidden(model).train()
+    ctx = step_context(cfg, policy, device, ref=ref)
+    # with LoRA the reference is the policy with its adapters disabled: one copy of the weights
+    ctx.ref_from_adapters_off = cfg.loss.beta != 0 and cfg.model.lora_rank > 0
+    opt, sched = make_optimizer(model, cfg.optim, cfg.steps)
+    backend = make_backend(cfg, model, tok, dtok, fsdp_root=ctx.module if cfg.parallel == "fsdp2" else None)
+    state, guard = {"step": 0}, NonFiniteGuard(cfg.optim.max_nonfinite)
+    ck = checkpoint.latest(cfg.out_dir) if resume else None
+    if ck:
+        state = checkpoint.restore(ck, cfg.parallel, model, opt, sched)
+        guard.count = state.get("nonfinite", 0)
+        backend.sync_weights(model)
+    log = MetricsLog(cfg.out_dir, state["step"])
+    bar = tqdm(range(state["step"], cfg.steps), desc="exgrpo", disable=not (cfg.progress and distributed.is_main()))
+    for step in bar:
+        timer = PhaseTimer(device)
+        # ---- 1. questions of this step (deterministic in the step: resume replays it exactly)
+        rng = random.Random(f"{cfg.seed}-{step}")
+        picked = rng.sample(range(len(questions)), min(cfg.questions_per_step, len(questions)))[rank::world]
+        plan = [scenarios(questions[i], cfg, random.Random(f"{cfg.seed}-{step}-{i}")) for i in picked]
+        # ---- 2. rollouts: the student answers every user turn (dialogue: G x Scenario A + G x Scenario B per question;
+        #         independent: G x each probe and G x the question; direct: G x the question)
+        prompts = build_prompts(plan, cfg)
+        with timer("gen"):
+            dialogues = multi_turn_rollouts(backend, dtok, [p.turns for p in prompts], cfg.sampling,
+                                            seed=(cfg.seed * 1_000_003 + step) * 64 + rank)
+        # ---- 3. rewards (outcome; DSU bonus; per-turn with probe_rewards) and group advantages
+        with timer("score"):
+            scored = score_rollouts(cfg, prompts, dialogues, dtok, random.Random(f"perm-{cfg.seed}-{step}-{rank}"),
+                                    reward_fns)
+            batch = rollout_batch(dialogues, scored.advantages, scored.turn_advantages, cfg.policy_turns)
+            aux = [dtok.encode(p.aux_messages).tensors("all") for p in plan] if cfg.aux_weight > 0 else []
+        backend.sleep()  # vLLM on CUDA frees its memory while we train
+        # ---- 4. training phase: reference log-probs once, then GRPO loss (+ lambda x aux SFT) on packed micro-batches
+        upd = grpo_update(ctx, batch.inputs(), aux, cfg.loss,
+                          lambda ok: optimizer_step(model, opt, sched, cfg.optim, ok, guard),
+                          aux_weight=cfg.aux_weight, updates=cfg.updates_per_batch, timer=timer)
+        with timer("sync"):
+            backend.sync_weights(model)
+        state.update(step=step + 1, nonfinite=guard.count)
+        # ---- 5. metrics, samples, evaluation and checkpoints
+        n_tok = distributed.all_sum(sum(int(m.sum()) for m in batch.mask))
+        resp = [sum(d.generated) / max(1, sum(r == "assistant" for r in d.roles)) for d in dialogues]
+        rewards = {k: global_mean(v) for k, v in sorted(scored.metrics.items())}
+        t_step = sum(timer.times.values())
+        rec = {"step": step, **upd.record(), **{k: v for k, v in rewards.items() if v is not None},
+               "adv_abs_mean": global_mean(batch.advantages.abs().tolist()), "response_tokens": global_mean(resp),
+               "tokens_per_s": n_tok / t_step, "time_step_s": t_step, **timer.record(),
+               "lr": sched.get_last_lr()[0], "peak_mem_gib": peak_memory_gib(device)}
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            with timer("eval"):
+                rec.update(_evaluation(model, tok, held_out, cfg, backend))
+            rec["time_eval_s"] = timer.times["eval"]
+        log.write(rec)
+        log.write_samples(step, sample_records(cfg.log_samples, prompts, dialogues, scored.rewards, dtok)
+                          if cfg.log_samples else [])
+        bar.set_postfix(reward=f"{rec.get('reward_question', 0.0):.2f}")
+        checkpoint.maybe_save(cfg, step, model, tok, state, opt, sched)
+        yield rec
+    backend.close()
+    log.close()
+    final = checkpoint.save_final(cfg, model, tok, rebuild=lambda: load_policy(cfg.model, cfg.init, cfg.seed, "cpu")[0])
+    return {"steps": cfg.steps, "final": final}
+
+
+def _evaluation(model, tok, examples, cfg: TrainConfig, backend) -> dict:
+    """Greedy accuracy on the held-out examples, per data set (eval/<name>) and their mean (eval_accuracy). Rank 0
+    evaluates (through the trainer's own generator where it is vLLM); under FSDP2 every rank takes part (the sharded
+    model's forwards are collective). Every rank gets rank 0's values."""
+    res = {}
+    collective = cfg.parallel == "fsdp2" and distributed.world() > 1
+    if collective or distributed.is_main():
+        gen = backend if collective or not isinstance(backend, TransformersBackend) else None
+        acc = evaluate(model, tok, examples, batch_size=128, max_new_tokens=cfg.sampling.max_new_tokens, backend=gen)
+        res = {f"eval/{k}": v["accuracy"] for k, v in sorted(acc.items())}
+        res["eval_accuracy"] = sum(res.values()) / max(1, len(res))
+    return distributed.all_gather_object(res)[0]
+
+
+def make_backend(cfg: TrainConfig, model, tok, dtok, fsdp_root=None) -> GenerationBackend:
+    """The generation backend ``cfg.backend`` names (auto: vLLM where installed, else transformers). vLLM is a heavy
+    optional dependency: its module is imported only when chosen."""
+    backend = cfg.backend
+    if backend == GenBackend.AUTO:
+        backend = GenBackend.VLLM if importlib.util.find_spec("vllm") is not None else GenBackend.TRANSFORMERS
+    if backend == GenBackend.VLLM:
+        from exgrpo.vllm_backend import VLLMBackend
+        return VLLMBackend.from_model(model, tok, dtok.eot, seed=cfg.seed, sleep_level=cfg.vllm_sleep_level)
+    if backend == GenBackend.VLLM_SERVER:
+        from exgrpo.vllm_backend import VLLMServerBackend
+        be = VLLMServerBackend(cfg.server_url, cfg.server_model, tok, dtok.eot)
+        be.sync_weights(model)  # the server starts from the policy's weights
+        return be
+    dev = next(model.parameters()).device
+    return TransformersBackend(model, tok, dtok.eot, autocast_dtype=autocast_dtype(cfg.precision, dev),
+                               sync_ranks=cfg.parallel == "fsdp2" and distributed.world() > 1, fsdp_root=fsdp_root)
