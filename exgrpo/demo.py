@@ -102,14 +102,31 @@ def seed_job(cfg: DemoConfig, seed: int) -> dict:
     sft_cfg = dataclasses.replace(cfg.sft, data=os.path.join(root, "ei", "d_ei.jsonl"), model=cfg.model,
                                   out_dir=os.path.join(root, "sft"), seed=seed, progress=False)
     final = sft(sft_cfg)["final"]
+    write_rl_pool(cfg, seed)
     return {"sft_final": final, "ei_report": {k: report[k] for k in ("examples", "kept", "dropped")},
             "ei_probes": {"generated": sum(v["generated"] for v in report["per_rule"].values()),
                           "consistent": sum(v["consistent"] for v in report["per_rule"].values())},
             "sft": _evaluate(cfg, final, seed), "seconds": time.time() - t0}
 
 
+def write_rl_pool(cfg: DemoConfig, seed: int) -> str:
+    """The RL arms' questions: D_EI's (with their probes) and ``n_rl_extra`` more training questions that have only a
+    gold answer (no teacher rationale, no probe: RL needs nothing else). Dialogue and independent modes use the
+    questions with probes; direct mode all of them."""
+    root = _seed_dir(cfg, seed)
+    recs = [json.loads(x) for x in open(os.path.join(root, "ei", "d_ei.jsonl")) if x.strip()]
+    seen = {r["question"] for r in recs}
+    extra = [e for e in make_split(cfg.n_rl_extra, 5000 + seed, "train", n_ops=cfg.n_ops) if e.question not in seen]
+    recs += [{"id": e.id, "question": e.question, "answer": e.answer, "answer_type": e.answer_type, "probes": []}
+             for e in extra]
+    path = os.path.join(root, "rl_pool.jsonl")
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
 def arm_config(cfg: DemoConfig, seed: int, arm: str, sft_final: str):
-    """The SFTConfig (sft_more) or TrainConfig of one arm of one seed."""
+    """The SFTConfig (sft_more) or TrainConfig of one arm of one seed. Continued SFT trains on D_EI (the only
+    questions with teacher rationales); the RL arms on the RL pool (``rl_ei``: D_EI's questions only)."""
     root = _seed_dir(cfg, seed)
     data = os.path.join(root, "ei", "d_ei.jsonl")
     if arm == "sft_more":  # as many optimizer steps as an RL arm, at a constant rate
@@ -119,7 +136,8 @@ def arm_config(cfg: DemoConfig, seed: int, arm: str, sft_final: str):
                                                                      min_lr_ratio=1.0))
     cold = arm.startswith("cold")
     rl = cfg.rl if not cold else dataclasses.replace(cfg.rl, loss=cfg.rl.loss.replace(beta=0.0))
-    return dataclasses.replace(rl, data=data, init=None if cold else sft_final, model=cfg.model,
+    pool = data if arm == "rl_ei" else os.path.join(root, "rl_pool.jsonl")
+    return dataclasses.replace(rl, data=pool, init=None if cold else sft_final, model=cfg.model,
                                out_dir=os.path.join(root, arm), seed=seed, backend=cfg.backend, progress=False,
                                **ARMS[arm])
 
@@ -264,28 +282,44 @@ def render(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def _curve_mean(results, arm: str, key: str, window: int = 10):
+    """(steps, mean over seeds of the key's moving average over ``window`` steps) or None."""
+    rows = [results[s][arm]["curve"] for s in sorted(results) if results[s][arm]["curve"]]
+    if not rows or any(key not in c[0] for c in rows):
+        return None
+    n = min(len(c) for c in rows)
+    vals = [statistics.mean(c[i][key] for c in rows) for i in range(n)]
+    smooth = [statistics.mean(vals[max(0, i - window + 1):i + 1]) for i in range(n)]
+    return [rows[0][i]["step"] for i in range(n)], smooth
+
+
 def _plot(results, arms, path):
-    import matplotlib
+    """Three panels, each arm's mean over seeds (10-step moving average): the reward of the evaluated condition
+    (the question asked directly), the reward of the question after probes, and the DSU gate's firing rate minus its
+    permutation baseline."""
+    import matplotlib  # plotting only here: matplotlib is a bench/dev dependency
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    panels = (("reward_direct", "reward of the question asked directly (evaluated condition)"),
+              ("reward_after_probes", "reward of the question after the probes (Scenario A)"),
+              (None, "DSU gate firing rate minus its permutation baseline"))
     for i, arm in enumerate(a for a in arms if a in ARMS):
-        for s in sorted(results):
-            c = results[s][arm]["curve"]
-            if not c:
-                continue
-            st = [r["step"] for r in c]
-            ax[0].plot(st, [r.get("reward_question", 0) for r in c], color=colors[i % len(colors)], alpha=0.7,
-                       label=arm if s == sorted(results)[0] else None)
-            if "bonus_rate" in c[0]:
-                ax[1].plot(st, [r["bonus_rate"] - r["bonus_rate_perm"] for r in c], color=colors[i % len(colors)],
-                           alpha=0.7, label=arm if s == sorted(results)[0] else None)
-    ax[0].set_title("training reward (the question's answer)")
-    ax[1].set_title("bonus firing rate minus its permutation baseline")
-    for a in ax:
-        a.set_xlabel("step")
-        a.legend(fontsize=7)
+        for j, (key, _) in enumerate(panels):
+            if key is None:
+                a, b = _curve_mean(results, arm, "bonus_rate"), _curve_mean(results, arm, "bonus_rate_perm")
+                c = None if a is None else (a[0], [x - y for x, y in zip(a[1], b[1])])
+            else:
+                c = _curve_mean(results, arm, key)
+            if c is not None:
+                ax[j].plot(c[0], c[1], color=colors[i % len(colors)], label=arm)
+    for a, (_, title) in zip(ax, panels):
+        a.set_title(title, fontsize=9)
+        a.set_xlabel("RL step")
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
+    ax[2].axhline(0.0, color="gray", lw=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -14,6 +14,7 @@ import abc
 from dataclasses import dataclass
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from exgrpo.attention import IMPL
 from exgrpo.config import SamplingConfig
@@ -119,13 +120,13 @@ class TransformersBackend(GenerationBackend):
             torch.manual_seed(seed)
         kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=sc.temperature, top_p=sc.top_p,
                                                       top_k=sc.top_k)  # top_k 0 and top_p 1 switch those off
+        rec = LogProbRecorder(1.0 if greedy else sc.temperature)
         g = lm.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), max_new_tokens=sc.max_new_tokens,
-                        eos_token_id=sorted(self.eot), pad_token_id=pad, output_logits=True,
+                        eos_token_id=sorted(self.eot), pad_token_id=pad, logits_processor=LogitsProcessorList([rec]),
                         return_dict_in_generate=True, synced_gpus=self.sync_ranks, **kw)
-        new = g.sequences[:, T:].cpu()
-        logits = torch.stack(g.logits, 1).float().cpu()  # [B, steps, V], raw (before temperature / top-p)
-        tau = 1.0 if greedy else sc.temperature
-        lp = torch.log_softmax(logits / tau, -1).gather(-1, new[:, :logits.shape[1]].unsqueeze(-1)).squeeze(-1)
+        new = g.sequences[:, T:]
+        lp = rec.finish(new).cpu()
+        new = new.cpu()
         res = []
         for b in range(new.shape[0]):
             seq = new[b].tolist()
@@ -136,6 +137,37 @@ class TransformersBackend(GenerationBackend):
                     break
             res.append(Completion(seq[:n], lp[b, :n].tolist()))
         return res
+
+
+class LogProbRecorder(LogitsProcessor):
+    """The generator's log-prob of every sampled token, log softmax(logits / tau)[token], taken from the raw logits
+    (custom processors run before transformers' temperature / top-k / top-p warpers, so truncation never enters it:
+    the trainer's quantity). One step's [B, V] log-softmax is kept until the next step's input reveals the token
+    sampled from it, so memory is O(B x V), not the O(B x steps x V) of ``output_logits``."""
+
+    def __init__(self, tau: float):
+        self.tau = tau
+        self.prev: torch.Tensor | None = None
+        self.out: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prev is not None:
+            self._take(input_ids[:, -1])
+        self.prev = torch.log_softmax(scores.float() / self.tau, -1)
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        self.out.append(self.prev.gather(-1, tokens[:, None].to(self.prev.device))[:, 0])
+        self.prev = None
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """[B, steps] fp32 log-probs of the generated tokens ``new_tokens`` [B, steps]."""
+        if self.prev is not None:
+            self._take(new_tokens[:, -1])
+        steps = new_tokens.shape[1]
+        if not self.out:
+            return torch.zeros(new_tokens.shape, dtype=torch.float32)
+        return torch.stack(self.out[:steps], 1)
 
 
 def multi_turn_rollouts(backend, dtok: DialogueTokenizer, user_turns: list[list[str]], sc: SamplingConfig,

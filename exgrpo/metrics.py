@@ -6,9 +6,12 @@ import json
 import os
 import resource
 import time
+import weakref
 from contextlib import contextmanager
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from exgrpo import distributed
 from exgrpo.io import AppendLog
@@ -96,3 +99,32 @@ class PhaseTimer:
 
     def record(self) -> dict:
         return {f"time_{k}_s": v for k, v in self.times.items()}
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """The exact peak of live tensor-storage bytes created inside the mode (forward, backward, optimizer step): each
+    storage an op creates is counted once and subtracted when freed, as a GPU's caching allocator sees the live bytes
+    (its fragmentation aside). On the CPU this replaces the process's peak RSS, which depends on the allocator's arenas
+    and varies run to run. Tensors alive before the mode (weights, optimizer state) are not counted: ``peak`` is the
+    peak extra. Slows every op down (Python per op): measure memory in its own pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.now = 0
+        self.peak = 0
+
+    def _free(self, key: int):
+        self.now -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                if id(st) not in self.live and st.nbytes() > 0:
+                    self.live[id(st)] = st.nbytes()
+                    self.now += st.nbytes()
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(st, self._free, id(st))
+        return out

@@ -6,46 +6,16 @@ allocator would see the live bytes (its fragmentation is the planner's slack ter
 import json
 import os
 import sys
-import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from exgrpo.config import (
-    ModelConfig,  # noqa: E402
-    OptimConfig,  # noqa: E402
-)
+from exgrpo.config import ModelConfig, OptimConfig  # noqa: E402
+from exgrpo.metrics import LiveTensorBytes  # noqa: E402
 from exgrpo.model import PolicyHidden, build_student  # noqa: E402
 from exgrpo.optim import make_optimizer  # noqa: E402
 from exgrpo.steps import StepContext, nll_micro_loss  # noqa: E402
-
-
-class LiveBytes(TorchDispatchMode):
-    """Live tensor-storage bytes and their peak over everything run inside the mode (forward, backward, step)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.now = 0
-        self.peak = 0
-
-    def _free(self, key: int):
-        self.now -= self.live.pop(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                if id(st) not in self.live and st.nbytes() > 0:
-                    self.live[id(st)] = st.nbytes()
-                    self.now += st.nbytes()
-                    self.peak = max(self.peak, self.now)
-                    weakref.finalize(st, self._free, id(st))
-        return out
 
 
 def main(H, L, inter, T, ckpt, precision):
@@ -53,7 +23,7 @@ def main(H, L, inter, T, ckpt, precision):
     mc = ModelConfig(hidden_size=H, intermediate_size=inter, num_layers=L, head_dim=64, gradient_checkpointing=ckpt)
     g = torch.Generator().manual_seed(0)
     seqs = [(torch.randint(0, 255, (512,), generator=g), torch.ones(512, dtype=torch.bool)) for _ in range(T // 512)]
-    mem = LiveBytes()
+    mem = LiveTensorBytes()
     with mem:
         model, tok = build_student(mc)
         p = PolicyHidden(model).train()

@@ -113,3 +113,20 @@ def test_bucketed_sdpa_equals_one_call_per_sequence(window):
     gb = torch.autograd.grad((ref * w).sum(), (q, k, v))
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_policy_hidden_on_a_plain_model_is_right_or_refuses():
+    """A user's own Hugging Face model (never switched to packed attention) wrapped in PolicyHidden: the wrapper
+    switches it, so packed sequences equal per-sequence runs; switched away afterwards, the forward refuses."""
+    from exgrpo.model import PolicyHidden
+    model = tiny("llama")
+    assert model.config._attn_implementation == "sdpa"
+    seqs = [torch.randint(0, 301, (n,), generator=torch.Generator().manual_seed(n)) for n in (6, 9, 4)]
+    ref = per_seq_logprobs(model, seqs)
+    p = PolicyHidden(model)
+    b = pack_sequences(seqs, backend="torch")
+    lp = fused_linear_logprobs(p(b), p.lm_head_weight, b.targets, backend="torch")
+    assert torch.allclose(lp, ref, atol=1e-8)
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(RuntimeError, match="packed sequences would attend across their borders"):
+        p(b)

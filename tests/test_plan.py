@@ -33,8 +33,10 @@ def test_fsdp2_divides_the_states_and_lora_keeps_one_copy():
     assert not one["fits"] and eight["fits"]  # a 7B full fine-tune: not on one H100, yes on eight with FSDP2
 
 
+# bf16 autocast on a CPU without AVX512-BF16 is emulated (the 512 x 8 layer shape took 490 s on an AVX2 host): its
+# case is sized so that it takes ~20 s on either kind of CPU
 CASES = [(512, 8, 1408, 4096, False, "fp32"), (768, 6, 2048, 2048, False, "fp32"), (512, 8, 1408, 4096, True, "fp32"),
-         (512, 8, 1408, 4096, False, "bf16")]
+         (256, 4, 704, 1024, False, "bf16")]
 
 
 @pytest.mark.parametrize("h,layers,inter,tokens,ckpt,precision", CASES)
@@ -52,7 +54,7 @@ def test_predictions_against_measured_cpu_peaks(h, layers, inter, tokens, ckpt, 
     err = (pred - got["measured_gib"]) / got["measured_gib"]
     print(f"h{h} x{layers} {tokens} tokens ckpt={ckpt} {precision}: predicted {pred:.3f} GiB, "
           f"measured {got['measured_gib']:.3f}, error {err:+.1%}")
-    # measured: +3.5%, +10.0%, +6.5%, -2.3% (the gradients are counted as alive in the forward: accumulation)
+    # measured: +3.5%, +10.0%, +6.5%, +3.9% (the gradients are counted as alive in the forward: accumulation)
     assert abs(err) < 0.15, (pred, got)
 
 

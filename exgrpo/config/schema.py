@@ -19,7 +19,7 @@ from exgrpo_kernels import KERNEL_BACKENDS
 
 __all__ = ["PRESETS", "CARDS", "ARMS", "GenBackend", "PARALLEL", "PRECISIONS", "ModelConfig", "SamplingConfig",
            "OptimConfig", "FSDPConfig", "SFTConfig", "TrainConfig", "EvalConfig", "ChatConfig", "EIConfig",
-           "PlanConfig", "DemoConfig", "card_gib", "check_data_names"]
+           "PlanConfig", "DemoConfig", "card_gib", "check_data_names", "DEFAULT_ARMS", "FULL_ARMS"]
 
 
 class GenBackend(str, enum.Enum):
@@ -390,16 +390,18 @@ class PlanConfig:
 # ================================================================================================ the demo
 
 ARMS = {  # name -> the demo's TrainConfig overrides (sft_more is continued SFT; cold_* start from the untrained student)
-    "rl": dict(mode="direct", dsu=False, aux_weight=0.0),
-    "rl_dialogue": dict(dsu=False, aux_weight=0.0),
-    "rl_aux": dict(dsu=False),
-    "exgrpo": dict(),
-    "exgrpo_probe_rewards": dict(probe_rewards=True),
-    "independent": dict(mode="independent"),
+    "rl": dict(mode="direct", dsu=False, aux_weight=0.0),  # plain GRPO on the question asked directly: "SFT + RL"
+    "rl_ei": dict(mode="direct", dsu=False, aux_weight=0.0),  # the same on D_EI's questions only
+    "rl_dialogue": dict(G=4, dsu=False, aux_weight=0.0),  # the probe dialogues, outcome reward only
+    "rl_aux": dict(G=4, dsu=False),  # + the auxiliary SFT loss
+    "exgrpo": dict(G=4),  # + the DSU bonus: the full method
+    "exgrpo_probe_rewards": dict(G=4, probe_rewards=True),
+    "independent": dict(mode="independent"),  # the paper's "without r_dsu": every probe its own prompt and group
     "cold_rl": dict(mode="direct", dsu=False, aux_weight=0.0),
-    "cold_rl_aux": dict(dsu=False),
+    "cold_rl_aux": dict(G=4, dsu=False),
 }
-FULL_ARMS = ("sft_more", "rl", "rl_dialogue", "rl_aux", "exgrpo", "exgrpo_probe_rewards", "independent")
+DEFAULT_ARMS = ("sft_more", "rl", "exgrpo")
+FULL_ARMS = ("sft_more", "rl", "rl_ei", "rl_dialogue", "rl_aux", "exgrpo", "exgrpo_probe_rewards", "independent")
 
 
 def _demo_model() -> ModelConfig:
@@ -407,13 +409,15 @@ def _demo_model() -> ModelConfig:
 
 
 def _demo_sft() -> SFTConfig:
-    return SFTConfig(epochs=4, batch_dialogues=32, progress=False, model=_demo_model(),
-                     optim=OptimConfig(lr=3e-3, warmup_steps=5, min_lr_ratio=0.3))
+    # to its plateau: 9 epochs of the (probe -> rationale) pairs (~400 steps); cosine to a tenth
+    return SFTConfig(epochs=9, batch_dialogues=32, progress=False, model=_demo_model(),
+                     optim=OptimConfig(lr=2e-3, warmup_steps=10, min_lr_ratio=0.1))
 
 
 def _demo_rl() -> TrainConfig:
-    return TrainConfig(steps=25, questions_per_step=8, G=4, k=2, k_partial=0, delta=0.5, nu=1.0, aux_weight=0.1,
-                       optim=OptimConfig(lr=3e-4, warmup_steps=0, min_lr_ratio=1.0), model=_demo_model(),
+    # G trajectories per question for every arm: 8 (direct) or 4 per scenario (dialogue: 2 x 4)
+    return TrainConfig(steps=150, questions_per_step=8, G=8, k=2, k_partial=0, delta=0.5, nu=1.0, aux_weight=0.1,
+                       optim=OptimConfig(lr=3e-5, warmup_steps=0, min_lr_ratio=1.0), model=_demo_model(),
                        loss=TrainConfig().loss.replace(beta=0.04, temperature=1.0),
                        sampling=SamplingConfig(temperature=1.0, max_new_tokens=24), backend="transformers",
                        progress=False, log_samples=1)
@@ -429,9 +433,11 @@ class DemoConfig:
     seeds: int = 3  # paired seeds (every arm of a seed starts from the same SFT checkpoint)
     workers: int = 2  # parallel processes (one torch thread each)
     quick: bool = False  # a few steps of everything (CI)
-    arms: tuple[str, ...] = ("sft_more", "rl", "rl_aux", "exgrpo", "exgrpo_probe_rewards", "independent")  # + sft
+    arms: tuple[str, ...] = DEFAULT_ARMS  # besides sft (the warm-up itself); see ARMS
+    full: bool = False  # every arm of the ablation (FULL_ARMS), about 3x the time
     cold_start: bool = False  # also cold_rl and cold_rl_aux (RL from the untrained student)
-    n_train: int = 500  # EI questions per seed
+    n_train: int = 500  # EI questions per seed (teacher rationales and probes: the SFT data)
+    n_rl_extra: int = 2000  # more training questions with only a gold answer, for the RL arms' pool
     n_eval: int = 400  # held-in test questions (and as many paraphrased, out of distribution)
     n_reversal: int = 200  # reversal questions (the floor check)
     n_probe_eval: int = 150  # held-in questions answered after 0, 1 and 2 probes
@@ -441,7 +447,7 @@ class DemoConfig:
     tau_hard: int = 0  # difficulty filter against the untrained student (which solves nothing: 0 keeps the rest)
     model: ModelConfig = field(default_factory=_demo_model)
     sft: SFTConfig = field(default_factory=_demo_sft)  # the warm-up (its model: ``model``)
-    sft_more_lr: float = 9e-4  # continued SFT (the sft_more arm): constant rate, as many steps as an RL arm
+    sft_more_lr: float = 2e-4  # continued SFT (the sft_more arm): the warm-up's final rate, as many steps as an RL arm
     rl: TrainConfig = field(default_factory=_demo_rl)  # every RL arm (its model: ``model``)
     backend: str = "transformers"  # generation of the RL arms (rl.backend)
 
@@ -459,10 +465,10 @@ class DemoConfig:
         if not self.quick:
             return self
         return dataclasses.replace(
-            self, seeds=1, n_train=24, n_eval=12, n_reversal=6, n_probe_eval=4,
+            self, seeds=1, n_train=24, n_rl_extra=16, n_eval=12, n_reversal=6, n_probe_eval=4,
             sft=dataclasses.replace(self.sft, epochs=1, max_steps=None),
             rl=dataclasses.replace(self.rl, steps=2, questions_per_step=2, G=2, eval_every=0,
                                    sampling=dataclasses.replace(self.rl.sampling, max_new_tokens=16)))
 
     def all_arms(self) -> list[str]:
-        return list(self.arms) + (["cold_rl", "cold_rl_aux"] if self.cold_start else [])
+        return list(FULL_ARMS if self.full else self.arms) + (["cold_rl", "cold_rl_aux"] if self.cold_start else [])

@@ -1,0 +1,311 @@
+"""One whole GRPO step, ours against TRL's GRPOTrainer, in one run.
+
+Both trainers start from the same saved model (random init, a real vocabulary size), the same prompts, G, completion
+length, sampling (temperature 1, no top-k / top-p), loss (dapo, beta 0.04 against a frozen reference copy, one
+update per batch) and the same reward function (``token_reward``: it reads the completion's token ids, so it varies
+across samples of a random model, and neither trainer can skip a zero-advantage backward). Both generate with
+transformers. The steps interleave (TRL step k, then our step k, ...); the first step of each is a warm-up. Per step
+we report the phase split (generation, scoring, reference log-probs, training forward + backward, optimizer, weight
+sync), generated tokens per second, and the peak extra tensor memory of a whole step (the exact peak of live tensor
+bytes on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA), each as ours / TRL's.
+
+    python bench/bench_e2e.py --preset cpu       # tiny Qwen2 student, 151,936-token vocabulary, fp32 (CPU)
+    python bench/bench_e2e.py --preset gpu       # Qwen2.5-0.5B shape, bf16 (CUDA; bench/device_check.sh)
+    python bench/bench_e2e.py --preset smoke     # seconds: what CI runs
+
+Writes results.json, results.csv and results.png into --out (default bench/results/e2e-<preset>).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench.bench_grpo_loss import environment  # noqa: E402
+from exgrpo.config import ModelConfig, OptimConfig, SamplingConfig, TrainConfig  # noqa: E402
+from exgrpo.grpo import train_steps  # noqa: E402
+from exgrpo.metrics import LiveTensorBytes  # noqa: E402
+from exgrpo.model import build_student  # noqa: E402
+from exgrpo.tasks.arithmetic import make_split  # noqa: E402
+
+PRESETS = {
+    "smoke": dict(model=dict(arch="qwen2", hidden_size=64, intermediate_size=128, num_layers=2, head_dim=32,
+                             vocab_size=4096), prompts=2, G=4, completion=8, steps=3, precision="fp32"),
+    "cpu": dict(model=dict(arch="qwen2", hidden_size=256, intermediate_size=768, num_layers=2, head_dim=64,
+                           vocab_size=151936), prompts=2, G=8, completion=256, steps=4, precision="fp32"),
+    "gpu": dict(model=dict(preset="qwen2.5-0.5b"), prompts=8, G=8, completion=512, steps=5, precision="bf16"),
+}
+PHASES = ("gen", "score", "ref", "train", "optim", "sync")
+
+
+def token_reward(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+    """The share of completion tokens whose id is a multiple of 7: cheap, and different for every sample."""
+    return [sum(t % 7 == 0 for t in ids) / max(1, len(ids)) for ids in completion_ids]
+
+
+class Timed:
+    """Accumulates wall time of wrapped calls by phase (CUDA: synchronised)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.t = cuda, {}
+
+    def add(self, name, dt):
+        self.t[name] = self.t.get(name, 0.0) + dt
+
+    def wrap(self, obj, attr, name_of):
+        fn = getattr(obj, attr)
+
+        def run(*a, **k):
+            name = name_of()
+            if self.cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                if self.cuda:
+                    torch.cuda.synchronize()
+                self.add(name, time.perf_counter() - t0)
+        setattr(obj, attr, run)
+
+
+@contextlib.contextmanager
+def peak_extra(device: torch.device, out: dict):
+    """out["peak_gib"]: the peak extra tensor memory of the block."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        yield
+        torch.cuda.synchronize()
+        out["peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+    else:
+        mode = LiveTensorBytes()
+        with mode:
+            yield
+        out["peak_gib"] = mode.peak / 2 ** 30
+
+
+def _ours_config(p: dict, root: str, model_dir: str, data: str, steps: int) -> TrainConfig:
+    return TrainConfig(
+        data=data, init=model_dir, model=ModelConfig(path=model_dir), out_dir=os.path.join(root, "ours"), steps=steps,
+        questions_per_step=p["prompts"], G=p["G"], mode="direct", dsu=False, aux_weight=0.0,
+        rewards=("bench.bench_e2e:token_reward",), optim=OptimConfig(lr=1e-6, warmup_steps=0, min_lr_ratio=1.0),
+        loss=TrainConfig().loss.replace(loss_type="dapo", beta=0.04, temperature=1.0, compute_entropy=False),
+        sampling=SamplingConfig(temperature=1.0, max_new_tokens=p["completion"]), backend="transformers",
+        precision=p["precision"], log_samples=0, progress=False, micro_batch_tokens=1 << 20)
+
+
+def _trl_trainer(p: dict, root: str, model_dir: str, prompts: list[str], steps: int, on_step_end):
+    import datasets
+    import trl
+    from transformers import TrainerCallback
+
+    class Hook(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            on_step_end(state.global_step)
+
+    ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": q}]} for q in prompts])
+    cuda = torch.cuda.is_available()
+    args = trl.GRPOConfig(output_dir=os.path.join(root, "trl"), per_device_train_batch_size=p["prompts"] * p["G"],
+                          num_generations=p["G"], max_completion_length=p["completion"], max_steps=steps,
+                          learning_rate=1e-6, lr_scheduler_type="constant", loss_type="dapo", beta=0.04,
+                          temperature=1.0, top_p=1.0, top_k=0, num_iterations=1, logging_steps=1, seed=0,
+                          report_to=[], save_strategy="no", use_cpu=not cuda, bf16=p["precision"] == "bf16",
+                          dataloader_num_workers=0, gradient_accumulation_steps=1, disable_dropout=True,
+                          log_completions=False, max_grad_norm=1.0)
+    return trl.GRPOTrainer(model=model_dir, reward_funcs=[token_reward], args=args, train_dataset=ds,
+                           callbacks=[Hook()])
+
+
+class Racer:
+    """Runs TRL's train() and steps our trainer from its step-end callback: TRL step k, then ours."""
+
+    def __init__(self, p, root, model_dir, data, prompts, device):
+        self.p, self.device = p, device
+        self.total = p["steps"] + 2  # a warm-up, the timed steps, one step under the memory probe
+        self.cuda = device.type == "cuda"
+        self.rows = {"trl": [], "ours": []}
+        self.ours = train_steps(_ours_config(p, root, model_dir, data, self.total))
+        self.trl = _trl_trainer(p, root, model_dir, prompts, self.total, self._after_trl_step)
+        self.timed = Timed(self.cuda)
+        tr = self.trl
+        self.timed.wrap(tr, "_generate", lambda: "gen")
+        self.timed.wrap(tr, "_calculate_rewards", lambda: "score")
+        self.timed.wrap(tr, "_get_per_token_logps_and_entropies",
+                        lambda: "train_logps" if torch.is_grad_enabled() else "ref")
+        self.timed.wrap(tr, "_prepare_inputs", lambda: "prepare")
+        self.timed.wrap(tr, "training_step", lambda: "training_step")
+        self.timed.wrap(tr, "compute_loss", lambda: "loss")
+        self.mem = {}
+        self._t0 = None
+        self._ctx = None
+
+    # ---- TRL's side: its step spans on_step_begin .. on_step_end; a callback starts the clock
+    def start_trl_step(self):
+        self.timed.t = {}
+        if self.memory_step():
+            self._ctx = peak_extra(self.device, self.mem.setdefault("trl", {}))
+            self._ctx.__enter__()
+        if self.cuda:
+            torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+
+    def memory_step(self) -> bool:
+        return len(self.rows["trl"]) == self.total - 1  # the last step runs under the memory probe
+
+    def _after_trl_step(self, global_step):
+        if self.cuda:
+            torch.cuda.synchronize()
+        total = time.perf_counter() - self._t0
+        if self._ctx is not None:
+            self._ctx.__exit__(None, None, None)
+            self._ctx = None
+        t = dict(self.timed.t)
+        train = t.get("training_step", 0.0) - t.get("prepare", 0.0)
+        row = {"step_s": total, "gen": t.get("gen", 0.0), "score": t.get("score", 0.0), "ref": t.get("ref", 0.0),
+               "train": train, "optim": max(0.0, total - t.get("training_step", 0.0)), "sync": 0.0}
+        log = [x for x in self.trl.state.log_history if "completions/mean_length" in x]
+        row["tokens"] = (log[-1]["completions/mean_length"] if log else self.p["completion"]) * self.p["prompts"] * self.p["G"]
+        self.rows["trl"].append(row)
+        self._our_step()
+
+    def _our_step(self):
+        mem = self.memory_step_ours()
+        ctx = peak_extra(self.device, self.mem.setdefault("ours", {})) if mem else contextlib.nullcontext()
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with ctx:
+            rec = next(self.ours)
+        total = time.perf_counter() - t0
+        g = lambda k: rec.get(f"time_{k}_s", 0.0)  # noqa: E731
+        row = {"step_s": total, "gen": g("gen"), "score": g("score"), "ref": g("ref"), "train": g("policy"),
+               "optim": g("optim"), "sync": g("sync"),
+               "tokens": rec["response_tokens"] * self.p["prompts"] * self.p["G"]}
+        self.rows["ours"].append(row)
+
+    def memory_step_ours(self) -> bool:
+        return len(self.rows["ours"]) == self.total - 1
+
+    def run(self):
+        from transformers import TrainerCallback
+        racer = self
+
+        class Begin(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                racer.start_trl_step()
+        self.trl.add_callback(Begin())
+        self.trl.train()
+        for _ in self.ours:  # finish our generator (final save)
+            pass
+
+
+def summarise(rows: dict, mem: dict) -> dict:
+    """Medians over the timed steps (the first is a warm-up, the last ran under the memory probe)."""
+    out = {}
+    for name, rs in rows.items():
+        timed = rs[1:-1]
+        med = {k: statistics.median(r[k] for r in timed) for k in ("step_s", "tokens", *PHASES)}
+        med["tokens_per_s"] = med["tokens"] / med["step_s"]
+        med["peak_gib"] = mem.get(name, {}).get("peak_gib")
+        out[name] = med
+    o, t = out["ours"], out["trl"]
+    out["ratios"] = {"step_time": o["step_s"] / t["step_s"], "throughput": o["tokens_per_s"] / t["tokens_per_s"],
+                     "peak_memory": (o["peak_gib"] / t["peak_gib"]) if o["peak_gib"] and t["peak_gib"] else None}
+    out["ratios"].update({f"time_{k}": (o[k] / t[k]) if t[k] else None for k in PHASES})
+    return out
+
+
+def write(out_dir: str, doc: dict):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["trainer", "step_s", "tokens_per_s", "peak_gib", *[f"{k}_s" for k in PHASES]])
+        for name in ("trl", "ours"):
+            s = doc["summary"][name]
+            w.writerow([name, f"{s['step_s']:.4f}", f"{s['tokens_per_s']:.2f}",
+                        "" if s["peak_gib"] is None else f"{s['peak_gib']:.4f}", *[f"{s[k]:.4f}" for k in PHASES]])
+    import matplotlib  # plotting only here: a bench dependency
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    bottom = {"trl": 0.0, "ours": 0.0}
+    for k in PHASES:
+        vals = [doc["summary"][n][k] for n in ("trl", "ours")]
+        ax[0].bar(["TRL GRPOTrainer", "exgrpo"], vals, bottom=[bottom["trl"], bottom["ours"]], label=k)
+        bottom = {"trl": bottom["trl"] + vals[0], "ours": bottom["ours"] + vals[1]}
+    ax[0].set_ylabel("seconds per step (median)")
+    ax[0].legend(fontsize=7)
+    r = doc["summary"]["ratios"]
+    ax[0].set_title(f"step: ours {r['step_time']:.2f}x TRL's time, {r['throughput']:.2f}x its throughput", fontsize=9)
+    peaks = [doc["summary"][n]["peak_gib"] or 0.0 for n in ("trl", "ours")]
+    ax[1].bar(["TRL GRPOTrainer", "exgrpo"], peaks, color=["tab:gray", "tab:green"])
+    ax[1].set_ylabel("peak extra tensor memory of a step (GiB)")
+    ax[1].set_title(f"memory: ours {r['peak_memory'] or float('nan'):.2f}x TRL's", fontsize=9)
+    fig.suptitle(doc["title"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "results.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per trainer (default: the preset's)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    p = dict(PRESETS[a.preset])
+    if a.steps:
+        p["steps"] = a.steps
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if a.preset == "gpu" and device.type != "cuda":
+        ap.error("--preset gpu needs CUDA")
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as root:
+        model_dir = os.path.join(root, "model")
+        mc = ModelConfig(**p["model"], dtype="bfloat16" if p["precision"] == "bf16" else "float32")
+        model, tok = build_student(mc, seed=0)
+        model.save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+        del model
+        qs = make_split(64, 0, "train", n_ops=2)
+        data = os.path.join(root, "prompts.jsonl")
+        with open(data, "w") as f:
+            for e in qs:
+                f.write(json.dumps({"question": e.question, "answer": e.answer, "answer_type": e.answer_type,
+                                    "probes": []}) + "\n")
+        racer = Racer(p, root, model_dir, data, [e.question for e in qs], device)
+        racer.run()
+        summary = summarise(racer.rows, racer.mem)
+    shape = p["model"].get("preset") or f"{p['model']['arch']} hidden {p['model']['hidden_size']}, " \
+        f"{p['model']['num_layers']} layers, vocab {p['model']['vocab_size']}"
+    doc = {"title": f"{a.preset}: {shape}; {p['prompts']} prompts x G={p['G']}, {p['completion']} new tokens, dapo, "
+                    f"beta 0.04, {p['precision']}", "preset": a.preset, "config": p, "environment": environment(device),
+           "steps": racer.rows, "summary": summary}
+    out = a.out or os.path.join("bench", "results", f"e2e-{a.preset}")
+    write(out, doc)
+    r = summary["ratios"]
+    for name in ("trl", "ours"):
+        s = summary[name]
+        print(f"{name:5s} step {s['step_s']:.2f} s  " + "  ".join(f"{k} {s[k]:.2f}" for k in PHASES) +
+              f"  {s['tokens_per_s']:.0f} tok/s  peak {s['peak_gib'] or float('nan'):.3f} GiB")
+    print(f"ours / TRL: time {r['step_time']:.2f}x, throughput {r['throughput']:.2f}x, peak memory "
+          f"{r['peak_memory'] or float('nan'):.2f}x; wrote {out}/results.json, results.csv, results.png")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
