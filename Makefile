@@ -1,7 +1,8 @@
-# make demo   : the main job on its built-in default (CPU, no downloads); ARGS="--seeds 3" for more
+# make demo   : the main job on its built-in default (CPU, no downloads): SFT, continued SFT, RL and ExGRPO, 3 seeds
+# make demo-full : every arm of the paper's ablation (about 3x the time)
 # make test   : the whole test suite (CPU; Triton kernels run under TRITON_INTERPRET=1), then the kernels' tests in a
-#               venv with only the core requirements (torch, triton, numpy), again on triton 3.6 (the oldest we
-#               support: the GPU image's), then ruff
+#               venv with only the core requirements (torch, triton, numpy; the torch twins, no native build), their
+#               Triton cases again on triton 3.6 (the oldest we support: the GPU image's), then ruff
 # make bench  : the loss microbenchmark (GPU shapes on CUDA, small shapes on the CPU)
 PY ?= python3
 VENV ?= .venv
@@ -15,9 +16,9 @@ T36_STAMP := $(T36)/.installed
 KERNEL_TESTS := tests/test_logprobs.py tests/test_grpo_loss.py tests/test_kernel_layouts.py tests/test_head_options.py \
 	tests/test_packing_kernel.py tests/test_advantages.py tests/test_native.py
 
-.PHONY: demo test test-full test-core test-triton36 lint bench clean
+.PHONY: demo demo-full test test-full test-core test-triton36 lint bench clean
 
-$(STAMP): setup.py requirements-cpu.txt
+$(STAMP): setup.py pyproject.toml requirements-cpu.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements-cpu.txt
@@ -29,14 +30,14 @@ $(STAMP): setup.py requirements-cpu.txt
 
 # the package, editable, with its native CPU backend (setup.py runs CMake against the venv's torch); rebuilt when
 # the C++ or the build files change
-$(NATIVE_STAMP): $(STAMP) setup.py CMakeLists.txt $(wildcard csrc/*)
+$(NATIVE_STAMP): $(STAMP) setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
 	$(BIN)/python -c "from exgrpo_kernels import _native as n; assert n.AVAILABLE, n.WHY_NOT"
 	touch $(NATIVE_STAMP)
 
 # the kernels with nothing but their core requirements (pip install exgrpo): torch pinned to the CPU build
 # (without the native backend: EXGRPO_NO_NATIVE=1, the torch twins serve the CPU; the same tests must pass)
-$(CORE_STAMP): setup.py
+$(CORE_STAMP): setup.py pyproject.toml
 	$(PY) -m venv $(CORE)
 	$(CORE)/bin/python -m pip install -q --upgrade pip
 	$(CORE)/bin/python -m pip install -q torch==2.13.0 triton==3.9.0 pytest "setuptools>=70" wheel
@@ -45,7 +46,7 @@ $(CORE_STAMP): setup.py
 
 # the same kernels' tests on triton 3.6 (the GPU image's version); its interpreter needs numpy < 2.3 (numpy 2.4 refuses
 # int() of the 1-element arrays it passes scalars as)
-$(T36_STAMP): setup.py
+$(T36_STAMP): setup.py pyproject.toml
 	$(PY) -m venv $(T36)
 	$(T36)/bin/python -m pip install -q --upgrade pip
 	$(T36)/bin/python -m pip install -q torch==2.13.0 triton==3.6.0 "numpy<2.3" pytest "setuptools>=70" wheel
@@ -55,6 +56,9 @@ $(T36_STAMP): setup.py
 demo: $(NATIVE_STAMP)
 	$(BIN)/python -m exgrpo demo $(ARGS)
 
+demo-full: $(NATIVE_STAMP)
+	$(BIN)/python -m exgrpo demo full=true out_dir=runs/demo-full $(ARGS)
+
 test: test-full test-core test-triton36 lint
 
 test-full: $(NATIVE_STAMP)
@@ -62,11 +66,11 @@ test-full: $(NATIVE_STAMP)
 
 test-core: $(CORE_STAMP)
 	$(CORE)/bin/python -c "import exgrpo_kernels, importlib.util as u; assert u.find_spec('transformers') is None"
-	EXGRPO_NO_NATIVE=1 TRITON_INTERPRET=1 $(CORE)/bin/python -m pytest -q -p no:cacheprovider $(KERNEL_TESTS)
+	EXGRPO_NO_NATIVE=1 TRITON_INTERPRET=1 $(CORE)/bin/python -m pytest -q -p no:cacheprovider -k "not triton" $(KERNEL_TESTS)
 
 test-triton36: $(T36_STAMP)
 	$(T36)/bin/python -c "import triton; assert triton.__version__.startswith('3.6'), triton.__version__"
-	EXGRPO_NO_NATIVE=1 TRITON_INTERPRET=1 $(T36)/bin/python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning $(KERNEL_TESTS)
+	EXGRPO_NO_NATIVE=1 TRITON_INTERPRET=1 $(T36)/bin/python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning -k triton $(KERNEL_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check kernels exgrpo bench tests

@@ -1,13 +1,14 @@
 """GRPO policy-loss step from hidden states: this project's kernels against torch eager, torch.compile,
 Liger-Kernel (LigerFusedLinearGRPOLoss and triton_grpo_loss) and one cuBLAS matmul of the same shape, in
 one run, as ratios. Forward + backward time (median) and peak extra memory; also the frozen-head step and
-the log-prob-only pass. Writes JSON, CSV and a PNG; prints ratios to the floor and the TARGETS.md verdicts.
+the log-prob-only pass. Writes JSON, CSV and a PNG; prints ratios to the floor and the verdicts
+against the targets of docs/benchmarks.md.
 
 A speed of this project's kernel is reported only where its correctness check at that shape passed:
 log-probs, loss and gradients on a subset of rows against float64, no worse than 2x torch's own
-bf16-matmul + fp32-log-softmax pipeline (TARGETS.md).
+bf16-matmul + fp32-log-softmax pipeline (docs/benchmarks.md).
 
-    python bench/bench_grpo_loss.py                       # CUDA: TARGETS.md shape + N/V sweep
+    python bench/bench_grpo_loss.py                       # CUDA: the reference shape + N/V sweep
     python bench/bench_grpo_loss.py --preset cpu-small    # small CPU shape (the demo)
 """
 from __future__ import annotations
@@ -48,13 +49,14 @@ class Shape:
 
 
 PRESETS = {
-    # TARGETS.md: B=8 x T=1024, H=4096, V=151936 (Qwen2.5), bf16
+    # the reference shape (docs/benchmarks.md): B=8 x T=1024, H=4096, V=151936 (Qwen2.5), bf16
     "targets": [Shape(8, 1024, 4096, 151936)],
     "sweep": [Shape(b, 1024, 4096, v) for v in (32768, 131072, 151936) for b in (2, 4, 8, 16, 32)],
     "cpu-small": [Shape(4, 96, 256, 8000, "float32")],
+    "smoke": [Shape(2, 24, 32, 301, "float32")],  # CI: every path runs, in seconds
 }
 
-# loss settings of TARGETS.md: token ratio, clip 0.2 / 0.28, k3 KL (beta 0.04), dapo
+# the reference loss settings (docs/benchmarks.md): token ratio, clip 0.2 / 0.28, k3 KL (beta 0.04), dapo
 LOSS = dict(loss_type="dapo", importance_sampling="token", eps_low=0.2, eps_high=0.28, beta=0.04, kl_estimator="k3")
 
 
@@ -326,7 +328,7 @@ def check_ours(p, shape: Shape, rows: int, device):
 
 
 def verdicts(rows):
-    """TARGETS.md criteria at the TARGETS shape, from one run's rows ({variant: row})."""
+    """The targets of docs/benchmarks.md at the reference shape, from one run's rows ({variant: row})."""
     def ms(k):
         return rows[k]["ms"] if k in rows and rows[k].get("ms") is not None else None
 

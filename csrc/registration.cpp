@@ -6,6 +6,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "isa.h"
+
 TORCH_LIBRARY(exgrpo_native, m) {
   m.def("row_stats(Tensor z, Tensor t, float inv_tau, float pre, float cap, bool with_entropy) -> "
         "(Tensor, Tensor, Tensor)");
@@ -23,5 +25,11 @@ TORCH_LIBRARY(exgrpo_native, m) {
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "exgrpo_native ops (CPU); see kernels/_native.py", -1,
                             nullptr};
-  return PyModule_Create(&def);
+  PyObject* m = PyModule_Create(&def);
+  if (m != nullptr && (PyModule_AddStringConstant(m, "ISA", exgrpo_native::cpu_isa()) != 0 ||
+                       PyModule_AddStringConstant(m, "ISA_ERROR", exgrpo_native::isa_error()) != 0)) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }

@@ -7,14 +7,8 @@
 //
 // Vectorised explicitly with GCC/Clang vector extensions (16 fp32 lanes: one AVX-512 register, two AVX2 ones, ...)
 // rather than left to the auto-vectoriser, which turns the clamps of exp into branches and gives up.
-#pragma once
-
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-
-namespace exgrpo_native {
+// Included by rows.cpp once per instruction set, inside that ISA's namespace (no include guard, no namespace of
+// its own): the same source compiled for AVX-512, AVX2 + FMA and the x86-64 baseline.
 
 constexpr int64_t kIgnore = -100;
 constexpr int kW = 16;     // fp32 lanes per vector
@@ -194,5 +188,3 @@ inline void grad_row(const T* x, G* g, int64_t V, int64_t col0, int64_t t, const
     store(g + j, d, cnt);
   }
 }
-
-}  // namespace exgrpo_native

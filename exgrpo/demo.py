@@ -226,22 +226,32 @@ def summarise(results: dict, arms: list[str]) -> dict:
             vals = [_acc(results[s], arm).get(m, 0.0) for s in seeds]
             mean, ci = mean_ci(vals)
             row[m] = {"mean": mean, "ci": ci, "values": vals}
-            if arm != "sft":
-                d = [v - _acc(results[s], "sft").get(m, 0.0) for v, s in zip(vals, seeds)]
+            for base in ("sft", "sft_more"):  # paired differences: same seed, same test questions
+                if arm in ("sft", base) or any(base not in results[s] for s in seeds):
+                    continue
+                d = [v - _acc(results[s], base).get(m, 0.0) for v, s in zip(vals, seeds)]
                 dm, dci = mean_ci(d)
-                row[m]["diff_vs_sft"] = {"mean": dm, "ci": dci}
+                row[m][f"diff_vs_{base}"] = {"mean": dm, "ci": dci, "values": d}
         if arm in ARMS:
             curves = [results[s][arm]["curve"] for s in seeds]
-            for key in ("bonus_rate", "bonus_rate_perm"):
+            for key in ("bonus_rate", "bonus_rate_perm", "reward_direct", "reward_after_probes"):
                 vals = [statistics.mean(r[key] for r in c) for c in curves if c and key in c[0]]
                 if vals:
                     row[key] = {"mean": statistics.mean(vals), "values": vals}
+            for key in ("reward_direct",):  # the evaluated condition's training reward: first vs last 10 steps
+                ends = [(statistics.mean(r[key] for r in c[:10]), statistics.mean(r[key] for r in c[-10:]))
+                        for c in curves if c and key in c[0]]
+                if ends:
+                    row[f"{key}_first10"], row[f"{key}_last10"] = mean_ci([a for a, _ in ends]), mean_ci([b for _, b in ends])
         out["arms"][arm] = row
     return out
 
 
-def _fmt(x: dict, diff: bool = False) -> str:
-    m, ci = (x["diff_vs_sft"]["mean"], x["diff_vs_sft"]["ci"]) if diff else (x["mean"], x["ci"])
+def _fmt(x: dict, diff: str | None = None) -> str:
+    """mean ± 95% interval of x, or of its paired difference against ``diff`` ("sft" / "sft_more"); "" if absent."""
+    if diff is not None and f"diff_vs_{diff}" not in x:
+        return ""
+    m, ci = (x[f"diff_vs_{diff}"]["mean"], x[f"diff_vs_{diff}"]["ci"]) if diff else (x["mean"], x["ci"])
     s = f"{m:+.3f}" if diff else f"{m:.3f}"
     return s + (f" ± {ci:.3f}" if ci is not None else "")
 
@@ -252,11 +262,20 @@ def render(doc: dict) -> str:
     lines = [f"{summ['seeds']} paired seed(s); {cfg['n_eval']} held-in, {cfg['n_eval']} paraphrased (OOD) and "
              f"{cfg['n_reversal']} reversal questions per seed; greedy, the question asked directly; ± is the 95% "
              f"interval over seeds. Total {doc['seconds']:.0f} s.", "",
-             "| arm | held-in | paraphrase (OOD) | reversal | held-in - SFT | paraphrase - SFT |", "|---|---|---|---|---|---|"]
+             "| arm | held-in | paraphrase (OOD) | reversal | held-in - SFT | held-in - continued SFT | "
+             "paraphrase - SFT |", "|---|---|---|---|---|---|---|"]
     for arm in arms:
         r = summ["arms"][arm]
-        d = ("", "") if arm == "sft" else (_fmt(r[SPLITS[0]], True), _fmt(r[SPLITS[1]], True))
-        lines.append(f"| {arm} | {_fmt(r[SPLITS[0]])} | {_fmt(r[SPLITS[1]])} | {_fmt(r[SPLITS[2]])} | {d[0]} | {d[1]} |")
+        lines.append(f"| {arm} | {_fmt(r[SPLITS[0]])} | {_fmt(r[SPLITS[1]])} | {_fmt(r[SPLITS[2]])} | "
+                     f"{_fmt(r[SPLITS[0]], 'sft')} | {_fmt(r[SPLITS[0]], 'sft_more')} | {_fmt(r[SPLITS[1]], 'sft')} |")
+    rw = [(a, summ["arms"][a]) for a in arms if "reward_direct_first10" in summ["arms"][a]]
+    if rw:
+        lines += ["", "Training reward of the question asked directly (the evaluated condition), mean of the first and "
+                  "last 10 RL steps:", "", "| arm | first 10 steps | last 10 steps |", "|---|---|---|"]
+        for a, r in rw:
+            f, last = r["reward_direct_first10"], r["reward_direct_last10"]
+            fmt = lambda v: f"{v[0]:.3f}" + (f" ± {v[1]:.3f}" if v[1] is not None else "")  # noqa: E731
+            lines.append(f"| {a} | {fmt(f)} | {fmt(last)} |")
     lines += ["", "Held-in accuracy after 0 / 1 / 2 probes answered by the student in the same dialogue:", "",
               "| arm | 0 probes | 1 probe | 2 probes |", "|---|---|---|---|"]
     for arm in arms:

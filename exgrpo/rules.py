@@ -1,4 +1,4 @@
-"""The 10 Explanatory Inversion rules (METHOD.md, stage 1).
+"""The 10 Explanatory Inversion rules (docs/method.md, stage 1).
 
 Each rule is one named entry: a docstring-like description, the answer type its probes have (given the
 original question's), and the prompt a teacher LLM gets to write the probe. Adding a rule is adding one

@@ -72,9 +72,13 @@ def sft(cfg: SFTConfig, resume: bool = False) -> dict:
 def sft_examples(records, fmt: str) -> list[list[dict]]:
     """The SFT training conversations of D_EI records. "pairs" (paper Eq. 3): each probe with the teacher's
     rationale, alone, and the original question with the teacher's rationale (the condition evaluated);
-    "dialogue": each record's multi-turn dialogue (probes then the question, every answer in context)."""
+    "dialogue": each record's multi-turn dialogue (probes then the question, every answer in context);
+    "pairs+dialogue": both (the question asked directly is trained, and so are the multi-turn contexts that
+    ExGRPO's rollouts put the student in)."""
     if fmt == "dialogue":
         return [r["messages"] for r in records]
+    if fmt == "pairs+dialogue":
+        return sft_examples(records, "pairs") + sft_examples(records, "dialogue")
     out = []
     for r in records:
         for p in r["probes"]:

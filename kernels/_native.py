@@ -2,7 +2,8 @@
 implementation per device that the dispatcher picks:
 
 * CPU: the C++ kernels of ``csrc/`` (``exgrpo_kernels._C``, built by ``setup.py`` through the top-level
-  ``CMakeLists.txt``), or, where ``_C`` is not built or ``$EXGRPO_NO_NATIVE=1``, the torch twins registered in
+  ``CMakeLists.txt``; its row kernels compiled for AVX-512, AVX2 and the x86-64 baseline, the best the CPU runs
+  chosen at load, ``$EXGRPO_NATIVE_ISA`` forcing a lower one), or, where ``_C`` is not built or ``$EXGRPO_NO_NATIVE=1``, the torch twins registered in
   Python under the same schemas.
 * CUDA: the Triton kernels (registered by the op files: ``_rows.py``, ``grpo_loss.py``, ``nll_loss.py``,
   ``packing.py``).
@@ -50,10 +51,12 @@ def _load() -> str | None:
     if os.environ.get(NO_NATIVE_ENV, "0") == "1":
         return f"${NO_NATIVE_ENV}=1"
     try:
-        importlib.import_module(f"{__package__}._C")
+        mod = importlib.import_module(f"{__package__}._C")
     except ImportError as e:
         return (f"{__package__}._C did not load ({e}); it is built by `pip install --no-build-isolation -e .` "
                 f"(setup.py runs CMake)")
+    if getattr(mod, "ISA_ERROR", ""):
+        raise RuntimeError(mod.ISA_ERROR)
     return None
 
 
@@ -78,9 +81,10 @@ def register(name: str, device: str, fn) -> None:
 
 
 def status() -> dict:
-    """{"available": bool, "why_not": str or None, "library": path of _C or None}: what serves the CPU."""
-    path = None
+    """{"available": bool, "why_not": str or None, "library": path of _C or None, "isa": the instruction set its
+    row kernels were registered for (avx512 | avx2 | base) or None}: what serves the CPU."""
+    path = isa = None
     if AVAILABLE:
         mod = importlib.import_module(f"{__package__}._C")
-        path = getattr(mod, "__file__", None)
-    return {"available": AVAILABLE, "why_not": WHY_NOT, "library": path}
+        path, isa = getattr(mod, "__file__", None), getattr(mod, "ISA", None)
+    return {"available": AVAILABLE, "why_not": WHY_NOT, "library": path, "isa": isa}

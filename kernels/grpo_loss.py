@@ -57,7 +57,7 @@ MEMORY_MODES = ("fast", "low_memory")
 
 @dataclass(frozen=True)
 class GRPOLossConfig:
-    """Everything that defines the GRPO policy loss (TARGETS.md, "GRPO loss variants").
+    """Everything that defines the GRPO policy loss (docs/kernels.md, "The GRPO loss per token").
 
     loss_type: aggregation, "grpo" (mean over sequences of the per-sequence token mean), "bnpo" (token
         mean over the micro-batch), "dr_grpo" (token sum / (S * max_completion_length)), "dapo" (token
@@ -76,7 +76,8 @@ class GRPOLossConfig:
     memory_mode: "fast" (fp32 [V, H] grad-weight accumulator, fewest GEMMs) or "low_memory".
     compute_entropy: also report the mean entropy (a metric; costs no GEMM).
     fp32_logits: compute the logits tiles in fp32 (CUDA).
-    chunk_size: rows per logits tile (None = automatic, about 512 MiB a tile on CUDA).
+    chunk_size: rows per logits tile (None = automatic: ``_rows.chunk_rows``; on CUDA with the fp32 grad-weight
+        accumulator up to half its size, else 256 MiB; 64 MiB on the CPU).
     backend: "auto" (Triton on CUDA; on the CPU the C++ kernels where built, else chunked torch), "triton",
         "native", "torch".
     """
@@ -757,7 +758,7 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
 def grpo_loss_reference(hidden, weight, targets, seq_ids, advantages, loss_mask, config=None, *, old_logp=None,
                         ref_logp=None, gen_logp=None, is_weights=None, bias=None, softcap=None, logit_scale=1.0,
                         num_global_tokens=None, logits_dtype=None):
-    """Plain torch, sequence by sequence, on full [N, V] logits (TARGETS.md formulas). float64 inputs give
+    """Plain torch, sequence by sequence, on full [N, V] logits (the formulas of docs/kernels.md). float64 inputs give
     the ground truth; logits_dtype=torch.bfloat16 with bf16 inputs gives torch's own bf16 pipeline.
     Returns (loss, metrics) like fused_linear_grpo_loss."""
     cfg = config if config is not None else GRPOLossConfig()

@@ -134,8 +134,8 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         return_entropy: also return the entropy of the distribution per row (differentiable).
         chunk_size: rows per logits tile; default: see ``_rows.chunk_rows``.
         fp32_logits: compute the logits tile in fp32 (CUDA: fp32 GEMM output from bf16 operands).
-        backend: "auto" (Triton on CUDA, chunked torch on the CPU; ``$EXGRPO_KERNEL_BACKEND`` overrides),
-            "triton" or "torch".
+        backend: "auto" (Triton on CUDA; on the CPU the native C++ kernels where built, else the chunked torch
+            twins; ``$EXGRPO_KERNEL_BACKEND`` overrides), "triton", "native" or "torch".
 
     Mixed precision: under ``torch.autocast`` the GEMMs run in the autocast dtype (fp32 parameters and
     hidden states are cast as ``torch.nn.functional.linear`` would); gradients come back in hidden's,

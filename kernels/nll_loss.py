@@ -155,7 +155,7 @@ def fused_linear_nll_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
             depend on how the global batch was split).
         chunk_size: rows per logits tile (default: ``_rows.chunk_rows``).
         fp32_logits: logits tiles in fp32.
-        backend: "auto" | "triton" | "torch" (as fused_linear_logprobs).
+        backend: "auto" | "triton" | "native" | "torch" (as fused_linear_logprobs).
 
     Mixed precision as fused_linear_logprobs: GEMMs in the autocast dtype under torch.autocast, gradients
     in the inputs' dtypes, log-sum-exp and the loss in fp32.

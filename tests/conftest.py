@@ -7,6 +7,3 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")

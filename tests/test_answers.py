@@ -8,7 +8,7 @@ from fractions import Fraction
 import pytest
 
 from exgrpo.data.answers import extract_answer, is_correct, last_boxed, normalise_gold, parse_number
-from tests.conftest import SHARED_DATA
+from tests.utils import SHARED_DATA
 
 
 def rows(name, file="sample.jsonl"):

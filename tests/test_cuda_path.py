@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 
-import exgrpo_kernels._rows as rows
 import pytest
 import torch
 from exgrpo_kernels import GRPOLossConfig, _native, grpo_loss_reference, logprobs_reference, nll_loss_reference
@@ -17,7 +16,7 @@ from exgrpo_kernels import GRPOLossConfig, _native, grpo_loss_reference, logprob
 from exgrpo.config import ModelConfig
 from exgrpo.model import PolicyHidden, build_student
 from exgrpo.steps import GRPOInputs, StepContext, autocast_dtype, grpo_update, policy_logprobs, sft_backward
-from tests.numerics import BACKENDS, DEVICE, GemmRecorder, rel_err
+from tests.utils import BACKENDS, DEVICE, GemmRecorder, rel_err, use_small_blocks
 
 TINY = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2)
 V = 259  # the byte tokenizer's vocabulary
@@ -25,7 +24,7 @@ V = 259  # the byte tokenizer's vocabulary
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    monkeypatch.setattr(rows, "MAX_BLOCK_V", 64)  # V = 259 spans 5 blocks
+    use_small_blocks(monkeypatch, 64)  # V = 259 spans 5 blocks
 
 
 # the trainer's steps on each backend: triton (forced as CI forces it), the torch twin, the C++ CPU kernels where built

@@ -9,7 +9,7 @@ from exgrpo_kernels import pack_sequences
 
 from exgrpo.dialogue import DialogueTokenizer
 from exgrpo.tokenizer import byte_tokenizer, trained_bpe_tokenizer
-from tests.conftest import SHARED_DATA
+from tests.utils import SHARED_DATA
 
 
 def gsm8k(n):

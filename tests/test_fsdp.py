@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 
-from exgrpo.config import EIConfig, ModelConfig
-from exgrpo.ei.pipeline import run_ei
+from exgrpo.config import ModelConfig
 from exgrpo.model import build_student
+from tests.utils import ei_data
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -22,9 +22,7 @@ ROOT = os.path.dirname(HERE)
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fsdp")
-    run_ei(EIConfig(limit=12, rules_per_example=2, out_dir=str(d / "ei")), progress=False)
-    return str(d / "ei" / "d_ei.jsonl")
+    return ei_data(tmp_path_factory, "fsdp", limit=12, rules_per_example=2)
 
 
 def _run(nproc, args, timeout=600):
@@ -38,7 +36,7 @@ def _run(nproc, args, timeout=600):
 @pytest.mark.parametrize("par,tie,lora", [("ddp", "0", "0"), ("fsdp2", "0", "0"), ("fsdp2", "1", "0"),
                                           ("fsdp2", "0", "1")], ids=["ddp", "fsdp2-untied", "fsdp2-tied", "fsdp2-lora"])
 def test_two_ranks_equal_one_rank(data, tmp_path, par, tie, lora):
-    script = os.path.join(HERE, "parallel_script.py")
+    script = os.path.join(HERE, "scripts", "parallel_script.py")
     one = tmp_path / "one"
     r = subprocess.run([sys.executable, script, data, str(one), "ddp", tie, lora],
                        capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -113,7 +111,6 @@ def test_lora_reference_is_the_policy_with_adapters_off(data, tmp_path, monkeypa
     import dataclasses
 
     import exgrpo.grpo as T
-
     from exgrpo.config import SFTConfig, TrainConfig
     from exgrpo.grpo import train
     from exgrpo.model import PolicyHidden

@@ -1,6 +1,6 @@
 """fused_linear_grpo_loss against the float64 reference on the same inputs: loss, metrics, grad-hidden and
-grad-weight for every loss_type x importance level x KL estimator, both backends, both memory modes, with and
-without old/ref/gen log-probs, odd shapes, empty sequences, chunk borders."""
+grad-weight for every loss_type x importance level x KL estimator, every backend (triton, native, torch), both
+memory modes, with and without old/ref/gen log-probs, odd shapes, empty sequences, chunk borders."""
 import itertools
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 from exgrpo_kernels import GRPOLossConfig, fused_linear_grpo_loss, grpo_loss_reference, logprobs_reference
 from exgrpo_kernels.grpo_loss import LOSS_TYPES
 
-from tests.numerics import BACKENDS, DEVICE, make_inputs, rel_err, tolerance
+from tests.utils import BACKENDS, DEVICE, make_inputs, rel_err, tolerance
 
 
 def make_batch(N=41, H=12, V=263, S=6, dtype=torch.float32, seed=0, empty_seq=True):

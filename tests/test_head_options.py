@@ -1,11 +1,10 @@
-"""Model-side options of the fused kernels against float64 on both backends: an lm_head bias (and its gradient),
-final-logit soft-capping (Gemma-2/3), a logit scale (Cohere), external importance weights per token or per
-sequence (TRL's vllm_is_ratio); the ops as torch.library custom ops under torch.compile(fullgraph=True); and
+"""Model-side options of the fused kernels against float64 on every backend (triton, native, torch): an lm_head
+bias (and its gradient), final-logit soft-capping (Gemma-2/3), a logit scale (Cohere), external importance weights
+per token or per sequence (TRL's vllm_is_ratio); the ops as torch.library custom ops under torch.compile(fullgraph=True); and
 the import name: a checkout on sys.path never stands in for Hugging Face's `kernels` package."""
 import importlib
 import sys
 
-import exgrpo_kernels._rows as rows
 import pytest
 import torch
 from exgrpo_kernels import (
@@ -18,7 +17,7 @@ from exgrpo_kernels import (
     nll_loss_reference,
 )
 
-from tests.numerics import BACKENDS, DEVICE, make_inputs, rel_err, tolerance
+from tests.utils import BACKENDS, DEVICE, make_inputs, rel_err, targets, tolerance, use_small_blocks
 
 HEADS = [dict(softcap=None, logit_scale=1.0), dict(softcap=2.5, logit_scale=1.0), dict(softcap=None, logit_scale=0.6),
          dict(softcap=3.0, logit_scale=1.7)]
@@ -26,17 +25,11 @@ HEADS = [dict(softcap=None, logit_scale=1.0), dict(softcap=2.5, logit_scale=1.0)
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    monkeypatch.setattr(rows, "MAX_BLOCK_V", 64)
+    use_small_blocks(monkeypatch, 64)
 
 
 def _bias(V, dtype, seed=3):
     return (torch.randn(V, generator=torch.Generator().manual_seed(seed)) * 0.5).to(dtype).to(DEVICE)
-
-
-def _targets(N, V, seed):
-    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(seed))
-    t[::6] = -100
-    return t.to(DEVICE)
 
 
 def _leaves(*xs, f64=False):
@@ -51,7 +44,7 @@ def test_logprobs_and_nll_with_head_options(backend, head, with_bias, dtype):
     N, H, V = 23, 16, 211
     hidden, weight = make_inputs(N, H, V, dtype, seed=11)
     bias = _bias(V, dtype) if with_bias else None
-    t = _targets(N, V, 2)
+    t = targets(N, V, 2)
     up = torch.randn(N, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(DEVICE)
 
     def run_lp(fn, f64, **kw):
@@ -86,7 +79,7 @@ def test_grpo_with_head_options_and_external_is_weights(backend, variant, is_lev
     hidden, weight = make_inputs(N, H, V, torch.float32, seed=21)
     g = torch.Generator().manual_seed(5)
     bias = _bias(V, torch.float32)
-    t = _targets(N, V, 6)
+    t = targets(N, V, 6)
     sid = torch.sort(torch.randint(0, S, (N,), generator=g))[0].to(DEVICE)
     mask = (torch.rand(N, generator=g) > 0.2).to(DEVICE)
     adv = torch.randn(S, generator=g).to(DEVICE)
@@ -149,7 +142,7 @@ def test_ops_compile_fullgraph(op):
     N, H, V = 24, 16, 97
     hidden, weight = make_inputs(N, H, V, torch.float32, seed=1)
     bias = _bias(V, torch.float32)
-    t = _targets(N, V, 1)
+    t = targets(N, V, 1)
     sid = (torch.arange(N, device=DEVICE) // 8)
     adv = torch.tensor([0.5, -1.0, 2.0], device=DEVICE)
     mask = torch.ones(N, dtype=torch.bool, device=DEVICE)

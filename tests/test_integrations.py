@@ -18,7 +18,7 @@ import pytest
 import torch
 from exgrpo_kernels.integrations import FusedLinearGRPOLoss
 
-from tests.numerics import rel_err
+from tests.utils import rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -2,8 +2,7 @@
 twins with upstream gradients in every layout (dense, stride 0 from ``.sum()``, scaled mean, strided view),
 strided and expanded 1-D inputs, non-contiguous hidden states, a vocabulary spanning several BLOCK_V blocks,
 the token NLL (SFT) loss in 3 GEMMs, and the GEMM dtypes under autocast. Ground truth: float64 on the same
-inputs; the tolerance rule of tests/numerics.py."""
-import exgrpo_kernels._rows as rows
+inputs; the tolerance rule of tests/utils.py."""
 import pytest
 import torch
 from exgrpo_kernels import (
@@ -16,21 +15,17 @@ from exgrpo_kernels import (
     nll_loss_reference,
 )
 
-from tests.numerics import BACKENDS, DEVICE, GemmRecorder, make_inputs, rel_err, tolerance
+from tests.utils import BACKENDS, DEVICE, GemmRecorder, make_inputs, rel_err, targets, tolerance, use_small_blocks
 
 
 @pytest.fixture
 def small_blocks(monkeypatch):
     """BLOCK_V capped at 32: V = 301 spans 10 blocks, so the online log-sum-exp crosses block borders."""
-    monkeypatch.setattr(rows, "MAX_BLOCK_V", 32)
+    use_small_blocks(monkeypatch, 32)
 
 
 def _targets(N, V, seed):
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, V, (N,), generator=g)
-    t[::5] = -100
-    t[2] = V - 1
-    return t.to(DEVICE)
+    return targets(N, V, seed, ignore_every=5, last_at=2)
 
 
 UPSTREAM = ["dense", "sum", "scaled_mean", "strided"]

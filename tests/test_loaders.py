@@ -7,7 +7,7 @@ import pytest
 
 from exgrpo.data.answers import is_correct
 from exgrpo.data.loaders import HELD_IN, HELD_OUT, load_dataset
-from tests.conftest import SHARED_DATA
+from tests.utils import SHARED_DATA
 
 EXPECTED = {"strategyqa": 200, "commonsense_qa": 200, "arc_challenge": 200, "math": 200, "gsm8k": 7473,
             "tabmwp": 200, "anli": None, "date_understanding": None, "boolq": None, "openbookqa": None, "esnli": None,

@@ -1,10 +1,10 @@
 """fused_linear_logprobs against a float64 computation on the same inputs: log-probs, entropy,
-grad-hidden and grad-weight, both backends, several dtypes, temperatures and odd shapes."""
+grad-hidden and grad-weight, every backend (triton, native, torch), several dtypes, temperatures and odd shapes."""
 import pytest
 import torch
 from exgrpo_kernels import fused_linear_logprobs, logprobs_reference
 
-from tests.numerics import BACKENDS, DEVICE, make_inputs, rel_err, tolerance
+from tests.utils import BACKENDS, DEVICE, make_inputs, rel_err, targets, tolerance
 
 SHAPES = [  # N, H, V, chunk: V not a power of two, N not a multiple of the chunk, chunks of 1
     (37, 24, 301, 8),
@@ -14,11 +14,7 @@ SHAPES = [  # N, H, V, chunk: V not a power of two, N not a multiple of the chun
 
 
 def _targets(N, V, seed):
-    g = torch.Generator().manual_seed(seed + 1)
-    t = torch.randint(0, V, (N,), generator=g)
-    t[::7] = -100  # positions with no target
-    t[1] = V - 1  # the last vocabulary column
-    return t.to(DEVICE)
+    return targets(N, V, seed + 1, ignore_every=7, last_at=1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -7,9 +7,8 @@ import pytest
 import torch
 from exgrpo_kernels import GRPOLossConfig, grpo_loss_reference
 
-from exgrpo.config import EIConfig, ModelConfig, SamplingConfig, SFTConfig, TrainConfig
+from exgrpo.config import ModelConfig, SamplingConfig, SFTConfig, TrainConfig
 from exgrpo.dialogue import DialogueTokenizer
-from exgrpo.ei.pipeline import run_ei
 from exgrpo.grpo import train
 from exgrpo.io import read_jsonl
 from exgrpo.model import PolicyHidden, build_student
@@ -18,15 +17,14 @@ from exgrpo.rollouts import Prompt, build_prompts, scenarios
 from exgrpo.sft import sft, sft_examples
 from exgrpo.steps import GRPOInputs, StepContext, grpo_micro_loss
 from exgrpo.tokenizer import byte_tokenizer
+from tests.utils import ei_data
 
 TINY = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ei")
-    run_ei(EIConfig(limit=10, rules_per_example=3, out_dir=str(out), arith_ops=1), progress=False)
-    return str(out / "d_ei.jsonl")
+    return ei_data(tmp_path_factory, limit=10, rules_per_example=3, arith_ops=1)
 
 
 def test_sft_pairs_form_is_probe_then_rationale_alone(data, tmp_path):
@@ -39,11 +37,13 @@ def test_sft_pairs_form_is_probe_then_rationale_alone(data, tmp_path):
                                       {"role": "assistant", "content": r["rationale"]}]]
     assert pairs[:len(want)] == want  # the question asked directly is a training pair: the evaluated condition
     assert sft_examples(recs, "dialogue") == [x["messages"] for x in recs]
-    for fmt in ("pairs", "dialogue"):
+    assert sft_examples(recs, "pairs+dialogue") == pairs + [x["messages"] for x in recs]
+    for fmt in ("pairs", "dialogue", "pairs+dialogue"):
         out = sft(SFTConfig(data=data, model=TINY, out_dir=str(tmp_path / fmt), max_steps=1, batch_dialogues=4,
                             format=fmt, progress=False))
         assert out["steps"] == 1
-    with pytest.raises(ValueError, match=r"SFTConfig.format must be one of \('pairs', 'dialogue'\), got 'turns'"):
+    with pytest.raises(ValueError, match=r"SFTConfig.format must be one of \('pairs', 'dialogue', 'pairs\+dialogue'\), "
+                                         r"got 'turns'"):
         SFTConfig(format="turns")
 
 

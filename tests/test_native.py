@@ -1,7 +1,7 @@
 """The native CPU backend (csrc/, exgrpo_kernels._C): built when it should be, its schemas equal the Python
 contract, each op equal to its torch twin on random inputs (odd shapes, several dtypes, every option), thread-count
 invariant, clear errors. The public functions on backend="native" are checked against float64 by the kernel tests
-(tests/numerics.py BACKENDS)."""
+(tests/utils.py BACKENDS)."""
 import os
 import subprocess
 import sys
@@ -305,3 +305,73 @@ def test_public_loss_native_equals_torch_twin():
     for mode in ("fast", "low_memory"):
         for x, y in zip(out["native", mode], out["torch", mode]):
             _close(x.reshape(-1), y.reshape(-1), 1e-5, mode)
+
+
+def _isas_this_cpu_runs() -> list[str]:
+    best = _native.status()["isa"]
+    return ["base", "avx2", "avx512"][: ["base", "avx2", "avx512"].index(best) + 1]
+
+
+ISA_CHECK = """
+import torch
+from exgrpo_kernels import _native
+from exgrpo_kernels._rows import LogitTransform, _grad_torch, _stats_torch
+from exgrpo_kernels.grpo_loss import _token_rows_twin
+assert _native.status()["isa"] == "{isa}", _native.status()
+ops = torch.ops.exgrpo_native
+g = torch.Generator().manual_seed(0)
+for dt in (torch.float32, torch.bfloat16):
+    for V in (1, 15, 17, 513, 1531):
+        z = (torch.randn(37, V, generator=g) * 3).to(dt)
+        t = torch.randint(0, V, (37,), generator=g); t[::5] = -100
+        xf = LogitTransform(1 / 0.7, 1.3, 30.0)
+        lp, lse, ent = ops.row_stats(z, t, *xf.args, True)
+        lp2, lse2, ent2 = _stats_torch(z, t, xf, True)
+        for a, b in ((lp, lp2), (lse, lse2), (ent, ent2)):
+            assert torch.allclose(a, b, atol=2e-5, rtol=2e-5), (dt, V, (a - b).abs().max())
+        c = torch.randn(37, generator=g)
+        out, want = torch.full_like(z, float("nan")), torch.full_like(z, float("nan"))
+        ops.row_grad_(z, t, lse, ent, c, c * 0.5, *xf.args, 0, out)
+        _grad_torch(z, t, lse, ent, c, c * 0.5, xf, 0, want)
+        tol = 2e-5 if dt == torch.float32 else 1e-2
+        assert not out.isnan().any() and torch.allclose(out.float(), want.float(), atol=tol), (dt, V)
+        sid = torch.zeros(37, dtype=torch.long); adv = torch.tensor([0.7]); w = torch.full((1,), 1 / 37)
+        t = t.clamp(min=0)  # the token rows see the loss's active rows only
+        ref = _stats_torch(z, t, xf, False)[0] - 0.1
+        za, zb = z.clone(), z.clone()
+        a = ops.grpo_token_rows_(za, t, sid, adv, w, None, None, ref, None, None, *xf.args, 0.2, 0.28, 0.0, 0.04,
+                                 2.0, 3, 0, True, True)
+        b = _token_rows_twin(zb, t, sid, adv, w, None, None, ref, None, None, *xf.args, 0.2, 0.28, 0.0, 0.04, 2.0,
+                             3, 0, True, True)
+        for x, y in zip(a, b):
+            assert torch.allclose(x, y, atol=2e-5, rtol=2e-5), (dt, V)
+        assert torch.allclose(za.float(), zb.float(), atol=tol), (dt, V)
+print("ok {isa}")
+"""
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+def test_every_instruction_set_equals_the_twin(isa, tmp_path):
+    """The row kernels are compiled for AVX-512, AVX2 and the x86-64 baseline; each one this CPU can run, forced with
+    $EXGRPO_NATIVE_ISA, equals the torch twin (statistics, gradients, the GRPO token rows); one it cannot run is
+    refused with a clear error, not executed."""
+    runs = isa in _isas_this_cpu_runs()
+    env = dict(os.environ, EXGRPO_NATIVE_ISA=isa, OMP_NUM_THREADS="2")
+    r = subprocess.run([sys.executable, "-c", ISA_CHECK.replace("{isa}", isa)], env=env, capture_output=True,
+                       text=True, cwd=tmp_path, timeout=300)
+    if runs:
+        assert r.returncode == 0 and r.stdout.strip() == f"ok {isa}", r.stderr[-3000:]
+    else:
+        assert r.returncode != 0 and f"EXGRPO_NATIVE_ISA={isa}: this CPU supports up to" in r.stderr, r.stderr[-2000:]
+
+
+@needs_native
+def test_the_default_build_is_portable_and_picks_the_best_isa():
+    """No -march=native by default: the library itself is baseline x86-64; the ISA chosen is the CPU's best."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    want = "avx512" if all(f in flags for f in ("avx512f", "avx512bw", "avx512dq", "avx512vl")) else \
+        "avx2" if ("avx2" in flags and "fma" in flags) else "base"
+    assert _native.status()["isa"] == want
+    cmake = open(os.path.join(HERE, "..", "CMakeLists.txt")).read()
+    assert 'option(EXGRPO_NATIVE_ARCH "compile for this machine\'s vector unit only (-march=native)" OFF)' in cmake

@@ -3,7 +3,7 @@ import pytest
 import torch
 from exgrpo_kernels import PackedBatch, pack_sequences, pack_sequences_reference, unpack
 
-from tests.numerics import BACKENDS, DEVICE
+from tests.utils import BACKENDS, DEVICE
 
 
 def ragged(S, seed, max_len=40, huge=None, empty_every=5):

@@ -1,6 +1,6 @@
 """exgrpo plan: its arithmetic on known shapes, its verdicts, and its predictions against the exact peak of live
 tensor bytes of two SFT steps of built students on the CPU (fp32 and bf16 autocast, with and without gradient
-checkpointing; tests/memprobe.py); the error is stated in the README."""
+checkpointing; tests/scripts/memprobe.py); the error is stated in the README."""
 import json
 import os
 import subprocess
@@ -41,8 +41,9 @@ CASES = [(512, 8, 1408, 4096, False, "fp32"), (768, 6, 2048, 2048, False, "fp32"
 
 @pytest.mark.parametrize("h,layers,inter,tokens,ckpt,precision", CASES)
 def test_predictions_against_measured_cpu_peaks(h, layers, inter, tokens, ckpt, precision):
-    r = subprocess.run([sys.executable, os.path.join(HERE, "memprobe.py"), str(h), str(layers), str(inter), str(tokens),
-                        "1" if ckpt else "0", precision], capture_output=True, text=True, timeout=600,
+    probe = os.path.join(HERE, "scripts", "memprobe.py")
+    r = subprocess.run([sys.executable, probe, str(h), str(layers), str(inter), str(tokens), "1" if ckpt else "0",
+                        precision], capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])

@@ -7,8 +7,7 @@ import torch
 
 from exgrpo.config import TrainConfig
 from exgrpo.dialogue import DialogueTokenizer
-from exgrpo.rewards import (Group, answer_reward, dense_ids, dsu_rewards, load_reward_fns, outcome_rewards,
-                            score_rollouts)
+from exgrpo.rewards import Group, answer_reward, dense_ids, dsu_rewards, load_reward_fns, outcome_rewards, score_rollouts
 from exgrpo.rollouts import Plan, Prompt, build_prompts
 from exgrpo.tokenizer import byte_tokenizer
 

@@ -10,8 +10,8 @@ import pytest
 from exgrpo.config import ChatConfig, EIConfig
 from exgrpo.ei.pipeline import run_ei
 from exgrpo.ei.teacher import ChatClient, TeacherError
-from tests.conftest import SHARED_DATA
-from tests.vllm_server import Server, make_tiny_model
+from tests.scripts.vllm_server import Server, make_tiny_model
+from tests.utils import SHARED_DATA
 
 
 @pytest.fixture(scope="module")

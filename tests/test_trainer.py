@@ -13,8 +13,7 @@ import pytest
 import torch
 from exgrpo_kernels import GRPOLossConfig, grouped_advantages, grpo_loss_reference
 
-from exgrpo.config import EIConfig, ModelConfig, OptimConfig, SamplingConfig, SFTConfig, TrainConfig
-from exgrpo.ei.pipeline import run_ei
+from exgrpo.config import ModelConfig, OptimConfig, SamplingConfig, SFTConfig, TrainConfig
 from exgrpo.grpo import train
 from exgrpo.model import PolicyHidden, build_student
 from exgrpo.optim import NonFiniteGuard, make_optimizer, optimizer_step
@@ -22,6 +21,7 @@ from exgrpo.rewards import dsu_rewards
 from exgrpo.rollouts import RolloutBatch
 from exgrpo.sft import sft
 from exgrpo.steps import StepContext, grpo_micro_loss, grpo_update, step_context
+from tests.utils import ei_data
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 TINY = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2)
@@ -29,9 +29,7 @@ TINY = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2)
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ei")
-    run_ei(EIConfig(limit=12, rules_per_example=3, out_dir=str(out)), progress=False)
-    return str(out / "d_ei.jsonl")
+    return ei_data(tmp_path_factory, limit=12, rules_per_example=3)
 
 
 def params(m):
@@ -255,7 +253,7 @@ def test_lora_sft_trains_adapters_only_and_saves_a_merged_model(data, tmp_path):
 
 def test_eval_command_on_shared_and_builtin_data(data, tmp_path):
     from exgrpo.__main__ import main
-    from tests.conftest import SHARED_DATA
+    from tests.utils import SHARED_DATA
     r = sft(SFTConfig(data=data, model=TINY, out_dir=str(tmp_path / "sft"), max_steps=1, batch_dialogues=4, progress=False))
     out = tmp_path / "eval.json"
     assert main(["eval", f"model={r['final']}", "data=arithmetic,gsm8k,boolq", f"data_root={SHARED_DATA}", "limit=3",

@@ -15,6 +15,7 @@ from exgrpo.config import ModelConfig, SamplingConfig
 from exgrpo.dialogue import DialogueTokenizer
 from exgrpo.model import PolicyHidden, build_student
 from exgrpo.vllm_backend import EngineStartError, VLLMBackend
+from tests.utils import trainer_logprobs
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 TINY = ModelConfig(hidden_size=128, intermediate_size=256, num_layers=2, head_dim=64)
@@ -27,13 +28,6 @@ def engine():
     vb = VLLMBackend.from_model(model, tok, dtok.eot, seed=0)
     yield model, tok, dtok, vb
     vb.close()
-
-
-def trainer_logprobs(model, seq, temperature=1.0):
-    b = pack_sequences([torch.tensor(seq)])
-    p = PolicyHidden(model)
-    with torch.no_grad():
-        return fused_linear_logprobs(p(b), p.lm_head_weight, b.targets, temperature=temperature)
 
 
 def test_samples_ids_logprobs_and_determinism(engine):

@@ -10,7 +10,8 @@ from exgrpo.config import ModelConfig, SamplingConfig
 from exgrpo.dialogue import DialogueTokenizer
 from exgrpo.model import PolicyHidden, build_student
 from exgrpo.vllm_backend import VLLMServerBackend
-from tests.vllm_server import Server
+from tests.scripts.vllm_server import Server
+from tests.utils import trainer_logprobs
 
 TINY = ModelConfig(hidden_size=128, intermediate_size=256, num_layers=2, head_dim=64)
 
@@ -27,13 +28,6 @@ def server(tmp_path_factory):
     s.kill()
 
 
-def logprobs(model, seq, tau):
-    b = pack_sequences([torch.tensor(seq)])
-    p = PolicyHidden(model)
-    with torch.no_grad():
-        return fused_linear_logprobs(p(b), p.lm_head_weight, b.targets, temperature=tau)
-
-
 def test_generation_and_weight_push(server):
     s, model, tok = server
     dtok = DialogueTokenizer(tok)
@@ -42,7 +36,7 @@ def test_generation_and_weight_push(server):
     sc = SamplingConfig(temperature=0.8, max_new_tokens=10)
     a = be.generate([prompt] * 3, sc, generator_seed=3)
     assert [x.ids for x in a] == [x.ids for x in be.generate([prompt] * 3, sc, generator_seed=3)]
-    lp = logprobs(model, prompt + a[0].ids, 0.8)[len(prompt) - 1:len(prompt) + len(a[0].ids) - 1]
+    lp = trainer_logprobs(model, prompt + a[0].ids, 0.8)[len(prompt) - 1:len(prompt) + len(a[0].ids) - 1]
     assert max(abs(u - v) for u, v in zip(a[0].logprobs, lp.tolist())) < 1e-4
     opt = torch.optim.SGD(model.parameters(), lr=0.5)  # a real step, then the push
     b = pack_sequences([torch.tensor(prompt + a[0].ids)])
@@ -51,9 +45,9 @@ def test_generation_and_weight_push(server):
     opt.step()
     be.sync_weights(model)
     c = be.generate([prompt], sc, generator_seed=3)[0]
-    lp2 = logprobs(model, prompt + c.ids, 0.8)[len(prompt) - 1:len(prompt) + len(c.ids) - 1]
+    lp2 = trainer_logprobs(model, prompt + c.ids, 0.8)[len(prompt) - 1:len(prompt) + len(c.ids) - 1]
     assert max(abs(u - v) for u, v in zip(c.logprobs, lp2.tolist())) < 1e-4
-    stale = logprobs(build_student(TINY, seed=0)[0], prompt + c.ids, 0.8)[len(prompt) - 1:len(prompt) + len(c.ids) - 1]
+    stale = trainer_logprobs(build_student(TINY, seed=0)[0], prompt + c.ids, 0.8)[len(prompt) - 1:len(prompt) + len(c.ids) - 1]
     assert max(abs(u - v) for u, v in zip(c.logprobs, stale.tolist())) > 1e-3  # the push happened
     be.close()
 

@@ -196,7 +196,8 @@ class SFTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     out_dir: str = "runs/sft"  # run folder: config.yaml, metrics.jsonl, tb/, checkpoints/, final/
-    format: str = "pairs"  # pairs: every (probe -> rationale) and (question -> rationale) alone (paper Eq. 3) | dialogue
+    format: str = "pairs"  # pairs: every (probe -> rationale) and (question -> rationale) alone (paper Eq. 3) |
+    #                        dialogue: the multi-turn dialogues | pairs+dialogue: both
     epochs: int = 3  # paper ablation: 3
     max_steps: int | None = None  # stop after this many steps (default: epochs over the data)
     batch_dialogues: int = 16  # global batch, in training examples (pairs, or dialogues with format=dialogue)
@@ -213,7 +214,7 @@ class SFTConfig:
 
     def __post_init__(self):
         _one_of("SFTConfig", "turns", self.turns, ("all", "last"))
-        _one_of("SFTConfig", "format", self.format, ("pairs", "dialogue"))
+        _one_of("SFTConfig", "format", self.format, ("pairs", "dialogue", "pairs+dialogue"))
         if self.epochs < 1 or self.batch_dialogues < 1:
             raise ValueError(f"SFTConfig.epochs and batch_dialogues must be >= 1, got {self.epochs}, {self.batch_dialogues}")
         if self.max_steps is not None and self.max_steps < 0:
@@ -394,7 +395,8 @@ ARMS = {  # name -> the demo's TrainConfig overrides (sft_more is continued SFT;
     "rl_ei": dict(mode="direct", dsu=False, aux_weight=0.0),  # the same on D_EI's questions only
     "rl_dialogue": dict(G=4, dsu=False, aux_weight=0.0),  # the probe dialogues, outcome reward only
     "rl_aux": dict(G=4, dsu=False),  # + the auxiliary SFT loss
-    "exgrpo": dict(G=4),  # + the DSU bonus: the full method
+    "exgrpo": dict(G=4, k=1, questions_per_step=4),  # + the DSU bonus: the full method (one probe, half the
+    #                                                 questions a step: the dialogues cost about twice a direct step)
     "exgrpo_probe_rewards": dict(G=4, probe_rewards=True),
     "independent": dict(mode="independent"),  # the paper's "without r_dsu": every probe its own prompt and group
     "cold_rl": dict(mode="direct", dsu=False, aux_weight=0.0),
@@ -409,15 +411,15 @@ def _demo_model() -> ModelConfig:
 
 
 def _demo_sft() -> SFTConfig:
-    # to its plateau: 9 epochs of the (probe -> rationale) pairs (~400 steps); cosine to a tenth
-    return SFTConfig(epochs=9, batch_dialogues=32, progress=False, model=_demo_model(),
+    # to its plateau: 300 steps (~13 epochs of the (probe -> rationale) pairs of 250 questions), cosine to a tenth
+    return SFTConfig(max_steps=300, batch_dialogues=32, progress=False, model=_demo_model(),
                      optim=OptimConfig(lr=2e-3, warmup_steps=10, min_lr_ratio=0.1))
 
 
 def _demo_rl() -> TrainConfig:
     # G trajectories per question for every arm: 8 (direct) or 4 per scenario (dialogue: 2 x 4)
     return TrainConfig(steps=150, questions_per_step=8, G=8, k=2, k_partial=0, delta=0.5, nu=1.0, aux_weight=0.1,
-                       optim=OptimConfig(lr=3e-5, warmup_steps=0, min_lr_ratio=1.0), model=_demo_model(),
+                       optim=OptimConfig(lr=5e-5, warmup_steps=0, min_lr_ratio=1.0), model=_demo_model(),
                        loss=TrainConfig().loss.replace(beta=0.04, temperature=1.0),
                        sampling=SamplingConfig(temperature=1.0, max_new_tokens=24), backend="transformers",
                        progress=False, log_samples=1)
@@ -436,11 +438,11 @@ class DemoConfig:
     arms: tuple[str, ...] = DEFAULT_ARMS  # besides sft (the warm-up itself); see ARMS
     full: bool = False  # every arm of the ablation (FULL_ARMS), about 3x the time
     cold_start: bool = False  # also cold_rl and cold_rl_aux (RL from the untrained student)
-    n_train: int = 500  # EI questions per seed (teacher rationales and probes: the SFT data)
-    n_rl_extra: int = 2000  # more training questions with only a gold answer, for the RL arms' pool
-    n_eval: int = 400  # held-in test questions (and as many paraphrased, out of distribution)
-    n_reversal: int = 200  # reversal questions (the floor check)
-    n_probe_eval: int = 150  # held-in questions answered after 0, 1 and 2 probes
+    n_train: int = 250  # EI questions per seed (teacher rationales and probes: the SFT data)
+    n_rl_extra: int = 2250  # more training questions with only a gold answer, for the RL arms' pool
+    n_eval: int = 300  # held-in test questions (and as many paraphrased, out of distribution)
+    n_reversal: int = 150  # reversal questions (the floor check)
+    n_probe_eval: int = 100  # held-in questions answered after 0, 1 and 2 probes
     n_ops: int = 1  # operations per problem
     rules_per_example: int = 2
     teacher_noise: float = 0.1  # probes whose rationale ends in a wrong answer: the consistency filter's catch
@@ -466,7 +468,7 @@ class DemoConfig:
             return self
         return dataclasses.replace(
             self, seeds=1, n_train=24, n_rl_extra=16, n_eval=12, n_reversal=6, n_probe_eval=4,
-            sft=dataclasses.replace(self.sft, epochs=1, max_steps=None),
+            sft=dataclasses.replace(self.sft, epochs=1, max_steps=4),
             rl=dataclasses.replace(self.rl, steps=2, questions_per_step=2, G=2, eval_every=0,
                                    sampling=dataclasses.replace(self.rl.sampling, max_new_tokens=16)))
 

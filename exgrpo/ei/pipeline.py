@@ -1,4 +1,4 @@
-"""``exgrpo ei``: build D_EI, the filtered explanatory-probe dialogues (METHOD.md, stage 1).
+"""``exgrpo ei``: build D_EI, the filtered explanatory-probe dialogues (docs/method.md, stage 1).
 
 For each example: the teacher's rationale if the data set has none; k rules sampled (seeded) and one probe
 per rule with the teacher's rationale and answer; the consistency filter (Eq. 1); the student difficulty

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from exgrpo.config import ModelConfig, OptimConfig  # noqa: E402
 from exgrpo.metrics import LiveTensorBytes  # noqa: E402

@@ -1,11 +1,16 @@
-"""Error measures shared by the kernel tests: relative L2 error against a float64 ground truth, and the
-tolerance rule of TARGETS.md (no worse than 2x torch's own low-precision pipeline, with a per-dtype floor
-that a wrong formula, index or scale exceeds by orders of magnitude)."""
+"""What the tests share (as Liger-Kernel's test/utils.py): the device, the kernel backends every kernel test runs on,
+the error measures (relative L2 error against a float64 ground truth, and the tolerance rule of docs/kernels.md,
+Precision: no worse than 2x torch's own low-precision pipeline, with a per-dtype floor that a wrong formula, index or
+scale exceeds by orders of magnitude), random inputs, targets with ignored positions, small Triton blocks, the
+Explanatory-Inversion data of the trainer tests, and the trainer's own log-probs of a sequence."""
+import os
+
 import pytest
 import torch
-from exgrpo_kernels import _native
+from exgrpo_kernels import _native, fused_linear_logprobs, pack_sequences
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+SHARED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
 
 # every kernel test runs on each backend: Triton (the interpreter on the CPU), the torch twin, and the C++ CPU kernels
 # (csrc/) where built; tests/test_native.py fails if they should have been built and were not
@@ -102,3 +107,39 @@ class GemmRecorder:
         for _, sa, sb, _, _ in self.vocab_gemms(V):
             tot += sa[0] * sa[1] * sb[1]
         return tot / (n * H * V)
+
+
+def targets(N: int, V: int, seed: int, ignore_every: int = 6, last_at: int | None = None) -> torch.Tensor:
+    """[N] int64 targets on DEVICE: random ids, -100 (no target) at every ``ignore_every``-th position, and the last
+    vocabulary column at ``last_at`` (None: nowhere in particular)."""
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(seed))
+    t[::ignore_every] = -100
+    if last_at is not None:
+        t[last_at] = V - 1
+    return t.to(DEVICE)
+
+
+def use_small_blocks(monkeypatch, block_v: int) -> None:
+    """Cap the Triton row kernels' BLOCK_V so that small test vocabularies span several blocks (the online
+    log-sum-exp then crosses block borders)."""
+    import exgrpo_kernels._rows as rows
+    monkeypatch.setattr(rows, "MAX_BLOCK_V", block_v)
+
+
+def ei_data(tmp_path_factory, name: str = "ei", **kw) -> str:
+    """d_ei.jsonl of the built-in arithmetic domain (symbolic teacher), for the trainer tests; ``kw``: EIConfig fields
+    (limit, rules_per_example, arith_ops, ...)."""
+    from exgrpo.config import EIConfig
+    from exgrpo.ei.pipeline import run_ei
+    out = tmp_path_factory.mktemp(name)
+    run_ei(EIConfig(out_dir=str(out), **kw), progress=False)
+    return str(out / "d_ei.jsonl")
+
+
+def trainer_logprobs(model, seq, temperature: float = 1.0) -> torch.Tensor:
+    """The trainer's log-probs of one token sequence ([T - 1]: position t predicts token t + 1), no grad."""
+    from exgrpo.model import PolicyHidden
+    b = pack_sequences([torch.tensor(seq)])
+    p = PolicyHidden(model)
+    with torch.no_grad():
+        return fused_linear_logprobs(p(b), p.lm_head_weight, b.targets, temperature=temperature)
