@@ -50,7 +50,7 @@ def main(argv=None):
         else:
             from exgrpo.vllm_backend import VLLMBackend
             t0 = time.time()
-            be = VLLMBackend.from_model(model, tok, dtok.eot, seed=0)
+            be = VLLMBackend.from_model(model, tok, dtok.eot)
             res["vllm_start_s"] = time.time() - t0
         multi_turn_rollouts(be, dtok, turns[:4], sc, seed=0)  # warm-up
         t0 = time.time()

@@ -17,6 +17,8 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 IMPL = "exgrpo_varlen"
 
@@ -67,7 +69,6 @@ def packed_attention_forward(module, query, key, value, attention_mask, scaling=
     Hkv = key.shape[1]
     if key.shape[2] != N or B != 1:
         # decoding with a cache, or an ordinary padded batch: plain attention with the model's mask
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       sliding_window=sliding_window, softcap=softcap, **kwargs)
     cu = kwargs.get("cu_seq_lens_q")
@@ -166,7 +167,6 @@ def bucketed_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: lis
 
 def register() -> str:
     """Register ``exgrpo_varlen`` with transformers' AttentionInterface (idempotent) and return its name."""
-    from transformers import AttentionInterface
     AttentionInterface.register(IMPL, packed_attention_forward)
     return IMPL
 

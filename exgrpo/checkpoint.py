@@ -18,9 +18,14 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 
 from exgrpo import distributed
 from exgrpo.io import atomic_write_text
@@ -73,8 +78,19 @@ def _layout(parallel: str) -> dict:
 # ================================================================================================ save
 
 
-def save(out_dir: str, step: int, parallel: str, model, tok, opt, sched, state: dict, keep: int = 2) -> str:
+@dataclass
+class Run:
+    """What a checkpoint holds besides the trainer state: the model, its tokenizer, the optimizer and its schedule."""
+
+    model: object
+    tok: object
+    opt: object
+    sched: object
+
+
+def save(out_dir: str, step: int, parallel: str, run: Run, state: dict, keep: int = 2) -> str:
     """The checkpoint of ``step`` (collective under FSDP2: every rank calls it). Returns its folder."""
+    model, tok, opt, sched = run.model, run.tok, run.opt, run.sched
     final = step_dir(out_dir, step)
     tmp = final + ".tmp"
     if parallel != "fsdp2":
@@ -90,8 +106,6 @@ def save(out_dir: str, step: int, parallel: str, model, tok, opt, sched, state: 
             publish(tmp, final, keep)
         distributed.barrier()
         return final
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
     if distributed.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -110,15 +124,14 @@ def save(out_dir: str, step: int, parallel: str, model, tok, opt, sched, state: 
     return final
 
 
-def maybe_save(cfg, step: int, model, tok, state: dict, opt, sched) -> None:
+def maybe_save(cfg, step: int, run: Run, state: dict) -> None:
     """A checkpoint after step ``step`` when ``cfg.save_every`` says so."""
     if cfg.save_every and (step + 1) % cfg.save_every == 0:
-        save(cfg.out_dir, step + 1, cfg.parallel, model, tok, opt, sched, state)
+        save(cfg.out_dir, step + 1, cfg.parallel, run, state)
 
 
 def full_state_dict(model) -> dict:
     """The whole model's state on rank 0, on the CPU (collective: every rank calls it; others get {})."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -176,7 +189,6 @@ def restore(path: str, parallel: str, model, opt, sched) -> dict:
 
 
 def _restore_hf(path, model, opt, sched) -> dict:
-    from safetensors.torch import load_file
     files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
     if not files:
         raise ValueError("no model weights (*.safetensors) in it")
@@ -184,7 +196,7 @@ def _restore_hf(path, model, opt, sched) -> dict:
     for f in files:
         sd.update(load_file(os.path.join(path, f)))
     if hasattr(model, "get_base_model"):
-        from peft import set_peft_model_state_dict
+        from peft import set_peft_model_state_dict  # peft: optional (LoRA only)
         set_peft_model_state_dict(model, sd)
     else:
         missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -198,8 +210,6 @@ def _restore_hf(path, model, opt, sched) -> dict:
 
 
 def _restore_fsdp2(path: str, model, opt, sched) -> dict:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     msd, osd = get_state_dict(model, opt)
     sd = {"model": msd, "optim": osd}
     dcp.load(sd, checkpoint_id=os.path.join(path, "dcp"))

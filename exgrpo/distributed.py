@@ -22,6 +22,9 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 from exgrpo.config import PARALLEL
 
@@ -128,8 +131,6 @@ def decoder_layers(causal_lm):
 def wrap(policy, parallel: str, fsdp, device):
     """The module that runs the forward: the policy itself (one rank), DDP, or the policy sharded by FSDP2."""
     if parallel == "fsdp2":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
         mesh = init_device_mesh(device.type, (world(),))
         kw = dict(mesh=mesh, reshard_after_forward=fsdp.reshard_after_forward,
                   mp_policy=MixedPrecisionPolicy(param_dtype=getattr(torch, fsdp.param_dtype),
@@ -142,12 +143,10 @@ def wrap(policy, parallel: str, fsdp, device):
         return policy
     if world() == 1:
         return policy
-    from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def is_fsdp(module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
     return isinstance(module, FSDPModule)
 
 

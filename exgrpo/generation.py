@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from exgrpo import distributed
 from exgrpo.attention import IMPL
 from exgrpo.config import SamplingConfig
 from exgrpo.dialogue import DialogueTokenizer, TokenizedDialogue
@@ -91,7 +92,6 @@ class TransformersBackend(GenerationBackend):
             out = []
             n_calls = -(-len(prompts) // self.batch_size)
             if self.sync_ranks:
-                from exgrpo import distributed
                 n_calls = int(distributed.all_max(n_calls))
             with torch.autocast(dev.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
                 for c in range(n_calls):
@@ -177,7 +177,6 @@ def multi_turn_rollouts(backend, dtok: DialogueTokenizer, user_turns: list[list[
     states = [dtok.start([{"role": "user", "content": turns[0]}]) for turns in user_turns]
     n_turns = max((len(u) for u in user_turns), default=0)
     if getattr(backend, "sync_ranks", False):
-        from exgrpo import distributed
         n_turns = int(distributed.all_max(n_turns))
     for t in range(n_turns):
         active = [i for i, u in enumerate(user_turns) if t < len(u)]

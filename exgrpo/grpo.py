@@ -67,7 +67,7 @@ def train_steps(cfg: TrainConfig, resume: bool = False):
     log = MetricsLog(cfg.out_dir, state["step"])
     bar = tqdm(range(state["step"], cfg.steps), desc="exgrpo", disable=not (cfg.progress and distributed.is_main()))
     for step in bar:
-        timer = PhaseTimer(device)
+        timer = ctx.timer = PhaseTimer(device)
         # ---- 1. questions of this step (deterministic in the step: resume replays it exactly)
         rng = random.Random(f"{cfg.seed}-{step}")
         picked = rng.sample(range(len(questions)), min(cfg.questions_per_step, len(questions)))[rank::world]
@@ -88,7 +88,7 @@ def train_steps(cfg: TrainConfig, resume: bool = False):
         # ---- 4. training phase: reference log-probs once, then GRPO loss (+ lambda x aux SFT) on packed micro-batches
         upd = grpo_update(ctx, batch.inputs(), aux, cfg.loss,
                           lambda ok: optimizer_step(model, opt, sched, cfg.optim, ok, guard),
-                          aux_weight=cfg.aux_weight, updates=cfg.updates_per_batch, timer=timer)
+                          aux_weight=cfg.aux_weight, updates=cfg.updates_per_batch)
         with timer("sync"):
             backend.sync_weights(model)
         state.update(step=step + 1, nonfinite=guard.count)
@@ -109,7 +109,7 @@ def train_steps(cfg: TrainConfig, resume: bool = False):
         log.write_samples(step, sample_records(cfg.log_samples, prompts, dialogues, scored.rewards, dtok)
                           if cfg.log_samples else [])
         bar.set_postfix(reward=f"{rec.get('reward_question', 0.0):.2f}")
-        checkpoint.maybe_save(cfg, step, model, tok, state, opt, sched)
+        checkpoint.maybe_save(cfg, step, checkpoint.Run(model, tok, opt, sched), state)
         yield rec
     backend.close()
     log.close()
@@ -138,8 +138,8 @@ def make_backend(cfg: TrainConfig, model, tok, dtok, fsdp_root=None) -> Generati
     if backend == GenBackend.AUTO:
         backend = GenBackend.VLLM if importlib.util.find_spec("vllm") is not None else GenBackend.TRANSFORMERS
     if backend == GenBackend.VLLM:
-        from exgrpo.vllm_backend import VLLMBackend
-        return VLLMBackend.from_model(model, tok, dtok.eot, seed=cfg.seed, sleep_level=cfg.vllm_sleep_level)
+        from exgrpo.vllm_backend import EngineConfig, VLLMBackend
+        return VLLMBackend.from_model(model, tok, dtok.eot, EngineConfig(seed=cfg.seed, sleep_level=cfg.vllm_sleep_level))
     if backend == GenBackend.VLLM_SERVER:
         from exgrpo.vllm_backend import VLLMServerBackend
         be = VLLMServerBackend(cfg.server_url, cfg.server_model, tok, dtok.eot)

@@ -63,7 +63,7 @@ def sft(cfg: SFTConfig, resume: bool = False) -> dict:
         if step % cfg.log_every == 0 or step == total - 1:
             log.write(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
-        checkpoint.maybe_save(cfg, step, model, tok, state, opt, sched)
+        checkpoint.maybe_save(cfg, step, checkpoint.Run(model, tok, opt, sched), state)
     log.close()
     final = checkpoint.save_final(cfg, model, tok, rebuild=lambda: load_policy(cfg.model, None, cfg.seed, "cpu")[0])
     return {"steps": total, "final": final}

@@ -52,6 +52,10 @@ class StepContext:
     micro_batch_tokens: int = 8192
     ref: torch.nn.Module | None = None
     ref_from_adapters_off: bool = False  # LoRA: the reference is the policy with its adapters disabled
+    timer: object = None  # a metrics.PhaseTimer receiving the update's phases (ref, old, policy, aux, optim), or None
+
+    def phase(self, name: str):
+        return self.timer(name) if self.timer is not None else contextlib.nullcontext()
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
@@ -340,16 +344,16 @@ def gather_batch(x: GRPOInputs, aux: list) -> tuple[GRPOInputs, list]:
 
 
 def grpo_update(ctx: StepContext, x: GRPOInputs, aux: list, loss_cfg: GRPOLossConfig, optimizer_step, *,
-                aux_weight: float = 0.0, updates: int = 1, timer=None) -> UpdateResult:
+                aux_weight: float = 0.0, updates: int = 1) -> UpdateResult:
     """``updates`` policy updates on one batch: reference log-probs once (beta > 0), old log-probs before the first
     update when there are several, the GRPO loss (+ aux_weight x NLL of ``aux`` [(ids, mask)]), then
     ``optimizer_step(finite) -> (stepped, grad_norm)``. The sequences of all ranks are planned
     together: each rank trains its share of the global batch (balanced tokens), whichever rank generated them.
-    ``timer``: a ``metrics.PhaseTimer`` that receives the phases ref, old, policy, aux and optim.
+    ``ctx.timer`` (a ``metrics.PhaseTimer``, optional) receives the phases ref, old, policy, aux and optim.
 
     A batch whose advantages are all zero (every group tied) has no policy gradient: its backward is skipped
     (the mismatch is still measured); with no auxiliary loss there is then no optimizer step either."""
-    phase = timer or (lambda name: contextlib.nullcontext())
+    phase = ctx.phase
     x, aux = gather_batch(x, aux)
     x.num_global_tokens = float(sum(int(m[1:].sum()) for _, m in x.seqs))
     x.num_global_seqs = float(len(x.seqs))

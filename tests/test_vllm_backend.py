@@ -14,7 +14,7 @@ from exgrpo_kernels import fused_linear_logprobs, pack_sequences
 from exgrpo.config import ModelConfig, SamplingConfig
 from exgrpo.dialogue import DialogueTokenizer
 from exgrpo.model import PolicyHidden, build_student
-from exgrpo.vllm_backend import EngineStartError, VLLMBackend
+from exgrpo.vllm_backend import EngineConfig, EngineStartError, VLLMBackend
 from tests.utils import trainer_logprobs
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -25,7 +25,7 @@ TINY = ModelConfig(hidden_size=128, intermediate_size=256, num_layers=2, head_di
 def engine():
     model, tok = build_student(TINY, seed=0)
     dtok = DialogueTokenizer(tok)
-    vb = VLLMBackend.from_model(model, tok, dtok.eot, seed=0)
+    vb = VLLMBackend.from_model(model, tok, dtok.eot)
     yield model, tok, dtok, vb
     vb.close()
 
@@ -77,7 +77,7 @@ def test_engine_start_errors_are_clear(tmp_path):
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     with pytest.raises(EngineStartError, match=r"vLLM engine failed to start .*max_model_len=10000000"):
-        VLLMBackend.from_path(str(tmp_path / "m"), tok, [0], max_model_len=10_000_000)
+        VLLMBackend.from_path(str(tmp_path / "m"), tok, [0], EngineConfig(max_model_len=10_000_000))
     assert time.time() - t0 < 180
 
 

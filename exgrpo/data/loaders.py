@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 
 from exgrpo.data.answers import ANSWER_TYPES, last_boxed
@@ -223,7 +224,7 @@ def _read_rows(path):
             for n, row in enumerate(csv.DictReader(f), 2):
                 yield n, {k: _csv_value(v) for k, v in row.items()}
     elif ext == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # the data extra: parquet files only
         for n, row in enumerate(pq.read_table(path).to_pylist(), 1):
             yield n, row
     else:
@@ -291,14 +292,13 @@ def load_dataset(name: str, source: str | None = None, *, split: str = "train", 
     if report is not None:
         report.append(rep)
     if rep.skipped:
-        import warnings
         warnings.warn(f"{name}: skipped {len(rep.skipped)} malformed rows, first: {rep.skipped[0]}", stacklevel=2)
     return out
 
 
 def _hub_rows(spec, source, split):
     try:
-        import datasets
+        import datasets  # the data extra: source=hub only
     except ImportError as e:
         raise ImportError("loading from the Hugging Face hub needs `pip install datasets`") from e
     parts = source.split(":")

@@ -19,6 +19,8 @@ import random
 import re
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 from exgrpo.config import ChatConfig
 from exgrpo.data.answers import extract_answer, is_correct
 from exgrpo.rules import RULES, Probe, probe_answer_type
@@ -33,7 +35,7 @@ class TeacherError(RuntimeError):
 
 class ChatClient:
     def __init__(self, cfg: ChatConfig):
-        import openai
+        import openai  # only the openai teacher needs it
         self.cfg = cfg
         self._openai = openai
         self._client = openai.OpenAI(base_url=cfg.base_url, api_key=os.environ.get(cfg.api_key_env) or "EMPTY",
@@ -80,7 +82,6 @@ class TransformersChat:
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
 
     def chat_many(self, conversations, **kw) -> list[str]:
-        import torch
         out = []
         self.tok.padding_side = "left"
         for i in range(0, len(conversations), self.batch_size):
