@@ -1,26 +1,26 @@
-"""`exgrpo demo`: the method on the built-in arithmetic domain, every arm of the paper's ablation, paired seeds,
-on the CPU in under 10 minutes.
+"""`exgrpo demo`: the method on the built-in arithmetic domain, paired seeds, on the CPU in under 10 minutes.
 
 Per seed: Explanatory Inversion with the symbolic teacher (with teacher noise, so the consistency filter has
 something to catch, and the difficulty filter run against the untrained student), the SFT warm-up on the paper's
-(probe -> rationale) pairs, then every arm from that same SFT checkpoint, on the same questions and rollout seeds:
+(probe -> rationale) pairs run to its plateau, then every arm from that same SFT checkpoint:
 
     sft          the warm-up alone
     sft_more     SFT continued for as many steps as the RL arms take (the control for "more training")
-    rl           GRPO on the probe dialogues, outcome reward only (no bonus, no auxiliary loss)
-    rl_aux       + the auxiliary SFT loss on the probes' teacher rationales
-    exgrpo       + the Dialogue Structure Utility bonus (the full method)
-    exgrpo_probe_rewards  + every probe answer rewarded, each turn with its own advantage
-    independent  the paper's "RL without r_dsu": every probe and the question as separate prompts, each its own
-                 group, rewarded on its own answer
-    (cold_rl, cold_rl_aux: RL from the untrained student, with cold_start=true)
+    rl           GRPO on the question asked directly ("SFT + RL"), on the RL pool: D_EI's questions and more that
+                 have only a gold answer
+    exgrpo       the probe dialogues (Scenario A: a probe, then the question; B: the question) with the DSU bonus
+                 and the auxiliary SFT loss: the full method
+    full=true also: rl_ei (rl on D_EI's questions only), rl_dialogue (the dialogues, outcome reward only), rl_aux
+    (+ the auxiliary loss), exgrpo_probe_rewards (every probe answer rewarded, per-turn advantages), independent
+    (the paper's "RL without r_dsu": every probe and the question separate prompts); cold_start=true: RL from the
+    untrained student
 
-Evaluation: held-in questions (forward, as trained), an out-of-distribution split in unseen sentence frames
-(paraphrase), and the reversal split (the start masked: a floor check), greedy, the question asked directly; and
-held-in accuracy with 0 / 1 / 2 probes answered by the student before the question. The table gives per-arm means,
-paired differences against SFT with 95% intervals over seeds, and the bonus's firing rate against its
-permutation baseline. Jobs run in `workers` processes (one thread each) and each writes its result atomically: a
-killed demo, started again, redoes only the unfinished jobs.
+Evaluation: held-in questions, an out-of-distribution split in unseen sentence frames (paraphrase), and the reversal
+split (the start masked: a floor check), greedy, the question asked directly; and held-in accuracy with 0 / 1 / 2
+probes answered by the student before the question. The table gives per-arm means, paired differences against SFT
+and continued SFT with 95% intervals over seeds, the training reward of the evaluated condition, and the bonus's
+firing rate against its permutation baseline. Jobs run in `workers` processes (one thread each) and each writes its
+result atomically: a killed demo, started again, redoes only the unfinished jobs.
 """
 from __future__ import annotations
 
@@ -137,9 +137,9 @@ def arm_config(cfg: DemoConfig, seed: int, arm: str, sft_final: str):
     cold = arm.startswith("cold")
     rl = cfg.rl if not cold else dataclasses.replace(cfg.rl, loss=cfg.rl.loss.replace(beta=0.0))
     pool = data if arm == "rl_ei" else os.path.join(root, "rl_pool.jsonl")
+    over = {k: v for k, v in ARMS[arm].items() if not (cfg.quick and k in ("steps", "questions_per_step"))}
     return dataclasses.replace(rl, data=pool, init=None if cold else sft_final, model=cfg.model,
-                               out_dir=os.path.join(root, arm), seed=seed, backend=cfg.backend, progress=False,
-                               **ARMS[arm])
+                               out_dir=os.path.join(root, arm), seed=seed, backend=cfg.backend, progress=False, **over)
 
 
 def arm_job(cfg: DemoConfig, seed: int, arm: str, sft_final: str) -> dict:

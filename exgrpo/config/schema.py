@@ -395,8 +395,8 @@ ARMS = {  # name -> the demo's TrainConfig overrides (sft_more is continued SFT;
     "rl_ei": dict(mode="direct", dsu=False, aux_weight=0.0),  # the same on D_EI's questions only
     "rl_dialogue": dict(G=4, dsu=False, aux_weight=0.0),  # the probe dialogues, outcome reward only
     "rl_aux": dict(G=4, dsu=False),  # + the auxiliary SFT loss
-    "exgrpo": dict(G=4, k=1, questions_per_step=4),  # + the DSU bonus: the full method (one probe, half the
-    #                                                 questions a step: the dialogues cost about twice a direct step)
+    "exgrpo": dict(G=4, k=1, questions_per_step=4, steps=100),  # + the DSU bonus: the full method (one probe, half
+    #                              the questions a step, 100 steps: a dialogue step costs about twice a direct one)
     "exgrpo_probe_rewards": dict(G=4, probe_rewards=True),
     "independent": dict(mode="independent"),  # the paper's "without r_dsu": every probe its own prompt and group
     "cold_rl": dict(mode="direct", dsu=False, aux_weight=0.0),
@@ -442,8 +442,8 @@ class DemoConfig:
     n_train: int = 250  # EI questions per seed (teacher rationales and probes: the SFT data)
     n_rl_extra: int = 2250  # more training questions with only a gold answer, for the RL arms' pool
     n_eval: int = 300  # held-in test questions (and as many paraphrased, out of distribution)
-    n_reversal: int = 150  # reversal questions (the floor check)
-    n_probe_eval: int = 100  # held-in questions answered after 0, 1 and 2 probes
+    n_reversal: int = 100  # reversal questions (the floor check)
+    n_probe_eval: int = 60  # held-in questions answered after 0, 1 and 2 probes
     n_ops: int = 1  # operations per problem
     rules_per_example: int = 2
     teacher_noise: float = 0.1  # probes whose rationale ends in a wrong answer: the consistency filter's catch
