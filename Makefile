@@ -1,5 +1,6 @@
 # make demo   : the main job on its built-in default (CPU, no downloads): SFT, continued SFT, RL and ExGRPO, 3 seeds
 # make demo-full : every arm of the paper's ablation (about 3x the time)
+# make test-slow : the slow tests (FSDP2 ranks, memory probes, bench smoke runs); CI runs it after make test
 # make test   : the whole test suite (CPU; Triton kernels run under TRITON_INTERPRET=1), then the kernels' tests in a
 #               venv with only the core requirements (torch, triton, numpy; the torch twins, no native build), their
 #               Triton cases again on triton 3.6 (the oldest we support: the GPU image's), then ruff
@@ -16,7 +17,7 @@ T36_STAMP := $(T36)/.installed
 KERNEL_TESTS := tests/test_logprobs.py tests/test_grpo_loss.py tests/test_kernel_layouts.py tests/test_head_options.py \
 	tests/test_packing_kernel.py tests/test_advantages.py tests/test_native.py
 
-.PHONY: demo demo-full test test-full test-core test-triton36 lint bench clean
+.PHONY: demo demo-full test test-full test-slow test-core test-triton36 lint bench clean
 
 $(STAMP): setup.py pyproject.toml requirements-cpu.txt
 	$(PY) -m venv $(VENV)
@@ -62,7 +63,12 @@ demo-full: $(NATIVE_STAMP)
 test: test-full test-core test-triton36 lint
 
 test-full: $(NATIVE_STAMP)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not slow" tests
+
+# the slow tests (multi-process FSDP2 runs, memory probes, every bench script and the device script in their smoke
+# forms): minutes each, so outside `make test`'s 20 minutes; CI runs them after it (.ci/run)
+test-slow: $(NATIVE_STAMP)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m slow tests
 
 test-core: $(CORE_STAMP)
 	$(CORE)/bin/python -c "import exgrpo_kernels, importlib.util as u; assert u.find_spec('transformers') is None"

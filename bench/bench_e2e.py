@@ -261,6 +261,13 @@ def write(out_dir: str, doc: dict):
     plt.close(fig)
 
 
+def _versions() -> dict:
+    from importlib.metadata import version
+    return {"trl": version("trl"), "transformers": version("transformers"),
+            "cpu_model": next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")),
+                              None) if os.path.exists("/proc/cpuinfo") else None}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -293,8 +300,8 @@ def main(argv=None):
     shape = p["model"].get("preset") or f"{p['model']['arch']} hidden {p['model']['hidden_size']}, " \
         f"{p['model']['num_layers']} layers, vocab {p['model']['vocab_size']}"
     doc = {"title": f"{a.preset}: {shape}; {p['prompts']} prompts x G={p['G']}, {p['completion']} new tokens, dapo, "
-                    f"beta 0.04, {p['precision']}", "preset": a.preset, "config": p, "environment": environment(device),
-           "steps": racer.rows, "summary": summary}
+                    f"beta 0.04, {p['precision']}", "preset": a.preset, "config": p,
+           "environment": {**environment(device), **_versions()}, "steps": racer.rows, "summary": summary}
     out = a.out or os.path.join("bench", "results", f"e2e-{a.preset}")
     write(out, doc)
     r = summary["ratios"]

@@ -38,25 +38,31 @@ namespace exgrpo_native {
 #if EXGRPO_MULTI_ISA
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi2")
+#define EXGRPO_LANES 16
 namespace avx512 {
 #include "rows.h"
 #include "rows_ops.h"
 }  // namespace avx512
+#undef EXGRPO_LANES
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,bmi2")
+#define EXGRPO_LANES 8
 namespace avx2 {
 #include "rows.h"
 #include "rows_ops.h"
 }  // namespace avx2
+#undef EXGRPO_LANES
 #pragma GCC pop_options
 #endif
 
+#define EXGRPO_LANES 4
 namespace base {
 #include "rows.h"
 #include "rows_ops.h"
 }  // namespace base
+#undef EXGRPO_LANES
 
 namespace {
 std::string g_isa_error;  // why $EXGRPO_NATIVE_ISA was not honoured ("" when it was, or is unset)

@@ -5,13 +5,14 @@
 // columns: one pass over the row in memory (each block is transformed into an L1 buffer, its max taken, the running
 // sums rescaled once per block, then exp'd and summed). Gradients are one pass (read x, write g; g may alias x).
 //
-// Vectorised explicitly with GCC/Clang vector extensions (16 fp32 lanes: one AVX-512 register, two AVX2 ones, ...)
+// Vectorised explicitly with GCC/Clang vector extensions, kW fp32 lanes: one register of the instruction set it is
+// compiled for (16 for AVX-512, 8 for AVX2, 4 for the SSE2 baseline), so no vector spills to the stack
 // rather than left to the auto-vectoriser, which turns the clamps of exp into branches and gives up.
 // Included by rows.cpp once per instruction set, inside that ISA's namespace (no include guard, no namespace of
 // its own): the same source compiled for AVX-512, AVX2 + FMA and the x86-64 baseline.
 
 constexpr int64_t kIgnore = -100;
-constexpr int kW = 16;     // fp32 lanes per vector
+constexpr int kW = EXGRPO_LANES;  // fp32 lanes per vector: one register of the ISA (rows.cpp sets it)
 constexpr int kBlk = 512;  // columns per statistics block: 2 KiB of fp32, stays in L1
 
 typedef float vf __attribute__((vector_size(kW * sizeof(float))));
@@ -30,7 +31,7 @@ inline float hmax(vf v) {
   return m;
 }
 
-// exp(x), 16 lanes, for x <= ~0 (a logit minus its row's max or log-sum-exp): x = n ln2 + r (|r| <= ln2 / 2,
+// exp(x), kW lanes, for x <= ~0 (a logit minus its row's max or log-sum-exp): x = n ln2 + r (|r| <= ln2 / 2,
 // two-part ln2), exp(r) by Cephes' degree-5 minimax polynomial, 2^n through the exponent bits. About 1 ulp.
 // n comes from the 1.5 * 2^23 (+ 127 bias) shifter: t = x log2(e) + shifter holds round(x log2 e) + 127 in its low
 // mantissa bits, so the exponent field is (bits(t) - bits(1.5 * 2^23)) << 23, no float -> int conversion.
@@ -89,7 +90,7 @@ inline vf xform_grad(vf x, const Xf& f) {
   }
 }
 
-// n <= kW elements of any float type -> 16 fp32 lanes (the rest = pad)
+// n <= kW elements of any float type -> kW fp32 lanes (the rest = pad)
 template <typename T>
 inline vf load(const T* p, int n, float pad) {
   vf v;

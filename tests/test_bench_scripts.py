@@ -35,6 +35,7 @@ def test_help(script):
     assert r.returncode == 0 and "usage" in r.stdout, r.stderr[-2000:]
 
 
+@pytest.mark.slow  # seconds to a minute each (make test-slow)
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_smoke(script, tmp_path):
     out = tmp_path / "out"
@@ -46,6 +47,7 @@ def test_smoke(script, tmp_path):
     assert any(f.endswith(".json") for f in os.listdir(out)), os.listdir(out)
 
 
+@pytest.mark.slow  # a few minutes (make test-slow)
 def test_device_check_dry_run(tmp_path):
     """bench/device_check.sh, every part, at smoke sizes on the CPU (DRY_RUN=1): the commands the GPU session runs."""
     env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"), PYTHON=sys.executable,

@@ -16,6 +16,8 @@ from exgrpo.config import ModelConfig
 from exgrpo.model import build_student
 from tests.utils import ei_data
 
+pytestmark = pytest.mark.slow  # torchrun with 2 gloo ranks per test: minutes in all (make test-slow)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 

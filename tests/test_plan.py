@@ -39,6 +39,7 @@ CASES = [(512, 8, 1408, 4096, False, "fp32"), (768, 6, 2048, 2048, False, "fp32"
          (256, 4, 704, 1024, False, "bf16")]
 
 
+@pytest.mark.slow  # a subprocess per case measuring two SFT steps under the live-tensor probe (make test-slow)
 @pytest.mark.parametrize("h,layers,inter,tokens,ckpt,precision", CASES)
 def test_predictions_against_measured_cpu_peaks(h, layers, inter, tokens, ckpt, precision):
     probe = os.path.join(HERE, "scripts", "memprobe.py")

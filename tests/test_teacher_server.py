@@ -13,6 +13,8 @@ from exgrpo.ei.teacher import ChatClient, TeacherError
 from tests.scripts.vllm_server import Server, make_tiny_model
 from tests.utils import SHARED_DATA
 
+pytestmark = pytest.mark.slow  # a vLLM OpenAI server on loopback, ~1 minute to start (make test-slow)
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
