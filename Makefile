@@ -1,9 +1,9 @@
-# make demo   : the main job on its built-in default (CPU, no downloads): SFT, continued SFT, RL and ExGRPO, 3 seeds
+# make demo   : the main job on its built-in default (CPU, no downloads): SFT, continued SFT, RL and ExGRPO, 4 seeds
 # make demo-full : every arm of the paper's ablation (about 3x the time)
 # make test-slow : the slow tests (FSDP2 ranks, memory probes, bench smoke runs); CI runs it after make test
-# make test   : the whole test suite (CPU; Triton kernels run under TRITON_INTERPRET=1), then the kernels' tests in a
-#               venv with only the core requirements (torch, triton, numpy; the torch twins, no native build), their
-#               Triton cases again on triton 3.6 (the oldest we support: the GPU image's), then ruff
+# make test   : ruff, then the whole test suite (CPU; Triton kernels run under TRITON_INTERPRET=1), then the kernels'
+#               tests in a venv with only the core requirements (torch, triton, numpy; the torch twins, no native
+#               build), their Triton cases again on triton 3.6 (the oldest we support: the GPU image's)
 # make bench  : the loss microbenchmark (GPU shapes on CUDA, small shapes on the CPU)
 PY ?= python3
 VENV ?= .venv
@@ -60,7 +60,7 @@ demo: $(NATIVE_STAMP)
 demo-full: $(NATIVE_STAMP)
 	$(BIN)/python -m exgrpo demo full=true out_dir=runs/demo-full $(ARGS)
 
-test: test-full test-core test-triton36 lint
+test: lint test-full test-core test-triton36
 
 test-full: $(NATIVE_STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not slow" tests

@@ -1,6 +1,7 @@
 // The row ops of the fused kernels on the CPU, for any x86-64 host: the same source (rows.h: the row math;
-// rows_ops.h: the ops) compiled three times in this file, for AVX-512 (F, BW, DQ, VL), for AVX2 + FMA and for the
-// x86-64 baseline (SSE2), each in its own namespace under `#pragma GCC target`; the variant registered as the CPU
+// rows_ops.h: the ops) compiled three times, in rows_avx512.cpp (AVX-512 F, BW, DQ, VL), rows_avx2.cpp (AVX2 + FMA)
+// and rows_base.cpp (the x86-64 baseline, SSE2), each in its own namespace under `#pragma GCC target` and with one
+// register of lanes per vector; this file declares them and registers the one chosen: the variant registered as the CPU
 // implementation is chosen once, when the library loads, from what the CPU supports (as PyTorch's own CPU kernels
 // dispatch on the CPU's capability). $EXGRPO_NATIVE_ISA (avx512 | avx2 | base) forces one (tests, benchmarks); asking
 // for more than the CPU has is refused (the library loads its best variant and Python raises the error), never run. The library itself is built for the baseline, so a build made on
@@ -27,42 +28,31 @@
 
 #include "isa.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
-#define EXGRPO_MULTI_ISA 1
-#else
-#define EXGRPO_MULTI_ISA 0
-#endif
-
 namespace exgrpo_native {
 
+// the ops of each variant (rows_ops.h), defined in rows_<isa>.cpp
+#define EXGRPO_DECLARE_ROWS(ns)                                                                                        \
+  namespace ns {                                                                                                       \
+  using at::Tensor;                                                                                                    \
+  std::tuple<Tensor, Tensor, Tensor> row_stats(const Tensor& z, const Tensor& t, double inv_tau, double pre,            \
+                                               double cap, bool with_entropy);                                         \
+  void row_grad_(const Tensor& z, const Tensor& t, const Tensor& lse, const c10::optional<Tensor>& ent,                \
+                 const Tensor& c_l, const c10::optional<Tensor>& c_h, double inv_tau, double pre, double cap,           \
+                 int64_t col0, Tensor out);                                                                            \
+  std::tuple<Tensor, Tensor> row_stats_grad_(Tensor z, const Tensor& t, const Tensor& c_l, double inv_tau, double pre, \
+                                             double cap);                                                              \
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grpo_token_rows_(                                                 \
+      Tensor z, const Tensor& t, const Tensor& sid, const Tensor& adv, const Tensor& w_seq,                            \
+      const c10::optional<Tensor>& seq_isw, const c10::optional<Tensor>& old, const c10::optional<Tensor>& ref,        \
+      const c10::optional<Tensor>& gen, const c10::optional<Tensor>& ext, double inv_tau, double pre, double cap,      \
+      double eps_low, double eps_high, double delta, double beta, double is_cap, int64_t kl_est, int64_t is_mode,      \
+      bool with_entropy, bool compute_grad);                                                                           \
+  }
 #if EXGRPO_MULTI_ISA
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi2")
-#define EXGRPO_LANES 16
-namespace avx512 {
-#include "rows.h"
-#include "rows_ops.h"
-}  // namespace avx512
-#undef EXGRPO_LANES
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,bmi2")
-#define EXGRPO_LANES 8
-namespace avx2 {
-#include "rows.h"
-#include "rows_ops.h"
-}  // namespace avx2
-#undef EXGRPO_LANES
-#pragma GCC pop_options
+EXGRPO_DECLARE_ROWS(avx512)
+EXGRPO_DECLARE_ROWS(avx2)
 #endif
-
-#define EXGRPO_LANES 4
-namespace base {
-#include "rows.h"
-#include "rows_ops.h"
-}  // namespace base
-#undef EXGRPO_LANES
+EXGRPO_DECLARE_ROWS(base)
 
 namespace {
 std::string g_isa_error;  // why $EXGRPO_NATIVE_ISA was not honoured ("" when it was, or is unset)

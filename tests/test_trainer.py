@@ -262,3 +262,24 @@ def test_eval_command_on_shared_and_builtin_data(data, tmp_path):
     assert set(res) == {"arithmetic_forward", "arithmetic_reversal", "gsm8k", "boolq"}
     assert all(v["n"] == 3 and 0 <= v["accuracy"] <= 1 for v in res.values())
     assert main(["eval", "limit=many"]) == 2  # a bad field is a clear error, exit 2
+
+
+def test_periodic_evaluation_and_the_step_time_split(data, tmp_path):
+    """eval_every: greedy accuracy on held-out questions in the metrics (per data set and their mean); every step
+    records the wall time of its phases, which add up to the step."""
+    from exgrpo.evaluate import eval_examples
+    out = tmp_path / "rl"
+    train(TrainConfig(data=data, init=None, model=TINY, out_dir=str(out), steps=2, questions_per_step=2, G=2, k=2,
+                      k_partial=1, sampling=SamplingConfig(max_new_tokens=6), backend="transformers", progress=False,
+                      eval_every=2, eval_data="arithmetic:3:7:1"))
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert "eval_accuracy" not in rows[0] and 0 <= rows[1]["eval_accuracy"] <= 1
+    assert {"eval/arithmetic_forward", "eval/arithmetic_paraphrase"} <= set(rows[1])
+    for r in rows:
+        phases = sum(v for k, v in r.items() if k.startswith("time_") and k not in ("time_step_s", "time_eval_s"))
+        assert r["time_step_s"] == pytest.approx(phases, rel=1e-6) and r["time_gen_s"] > 0 and r["time_policy_s"] > 0
+    assert len(eval_examples("arithmetic:3:7")) == 6
+    with pytest.raises(ValueError, match=r"eval_data: 'arithmetic:x' is not arithmetic:N:SEED\[:OPS\]"):
+        eval_examples("arithmetic:x")
+    with pytest.raises(ValueError, match="eval_every > 0 needs eval_data"):
+        TrainConfig(eval_every=5)
