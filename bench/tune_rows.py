@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import exgrpo_kernels._rows as rows  # noqa: E402
 from exgrpo_kernels import GRPOLossConfig, fused_linear_grpo_loss, fused_linear_logprobs  # noqa: E402
 from exgrpo_kernels._utils import interpret_mode  # noqa: E402
-from exgrpo_kernels.grpo_loss import _policy_args, _token_rows_triton, seq_weights  # noqa: E402
+from exgrpo_kernels.grpo_loss.losses import seq_weights  # noqa: E402
+from exgrpo_kernels.grpo_loss.rows import policy_args, token_rows_triton  # noqa: E402
 
 XF = rows.LogitTransform()  # temperature 1, no soft-cap
 
@@ -44,8 +45,8 @@ def bench(fn):
 
 def token_rows(z, t, sid, adv, w_seq, ref, cfg):
     """The fused GRPO token kernel on one tile (its gradient written into z in place)."""
-    return _token_rows_triton(z, t, sid, adv, w_seq, None, None, ref, None, None, *XF.args, *_policy_args(cfg),
-                              False, True)
+    return token_rows_triton(z, t, sid, adv, w_seq, None, None, ref, None, None, *XF.args, **policy_args(cfg, 0),
+                             with_entropy=False, compute_grad=True)
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
 // The exgrpo_native row ops' CPU implementations, compiled once per instruction set by rows.cpp (which includes this
 // file inside a namespace per ISA, after rows.h; schemas: csrc/registration.cpp). Python callers:
-// kernels/_rows.py (chunk_stats, chunk_grad_), kernels/grpo_loss.py (token-level fast path),
+// kernels/_rows.py (chunk_stats, chunk_grad_), kernels/grpo_loss/rows.py (token-level fast path),
 // kernels/nll_loss.py. Each op walks the rows of a [C, V] logits tile in parallel (ATen's OpenMP pool).
 
 
@@ -173,7 +173,7 @@ struct PolicyCfg {
   int64_t kl_est, is_mode;
 };
 
-// The token-level GRPO terms of one row from its log-prob l (closed form; kernels/grpo_loss.py policy_terms):
+// The token-level GRPO terms of one row from its log-prob l (closed form; kernels/grpo_loss/losses.py policy_terms):
 //   rho = exp(l - l_old),  pg = -min(rho_u A, clip(rho, 1 - eps_low, 1 + eps_high) A),  rho_u = min(rho, delta)
 //   J = w (isw pg + beta KL),  c = dJ/dl = w (isw dpg/dl + beta dKL/dl)  (min: ties split; clamps pass inclusively)
 struct TokenTerms {

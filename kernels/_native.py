@@ -5,7 +5,7 @@ implementation per device that the dispatcher picks:
   ``CMakeLists.txt``; its row kernels compiled for AVX-512, AVX2 and the x86-64 baseline, the best the CPU runs
   chosen at load, ``$EXGRPO_NATIVE_ISA`` forcing a lower one), or, where ``_C`` is not built or
   ``$EXGRPO_NO_NATIVE=1``, the torch twins registered in Python under the same schemas.
-* CUDA: the Triton kernels (registered by the op files: ``_rows.py``, ``grpo_loss.py``, ``nll_loss.py``,
+* CUDA: the Triton kernels (registered by the op files: ``_rows.py``, ``grpo_loss/rows.py``, ``nll_loss.py``,
   ``packing.py``).
 
 The ops (all [C] vectors contiguous; z is a [C, V] logits tile with contiguous columns, any float dtype; the math is

@@ -191,16 +191,19 @@ def test_checkout_on_sys_path_does_not_stand_in_for_hub_kernels(monkeypatch):
     with pytest.raises(ImportError, match="belongs to the package exgrpo_kernels"):
         importlib.import_module("kernels.grpo_loss")
     import exgrpo_kernels
-    assert exgrpo_kernels.fused_linear_grpo_loss.__module__ == "exgrpo_kernels.grpo_loss"
+    assert exgrpo_kernels.fused_linear_grpo_loss.__module__ == "exgrpo_kernels.grpo_loss.api"
     assert not any(k == "kernels._rows" for k in sys.modules)
 
 
-def test_config_string_roundtrip_covers_every_field():
+def test_config_key_roundtrip_covers_every_field():
     import dataclasses
     import json
 
-    from exgrpo_kernels.grpo_loss import _config_fields, _config_json
-    assert set(_config_fields()) == {f.name for f in dataclasses.fields(GRPOLossConfig)}
+    from exgrpo_kernels.grpo_loss.config import FIELDS
+    assert set(FIELDS) == {f.name for f in dataclasses.fields(GRPOLossConfig)}
     c = GRPOLossConfig(loss_type="dr_grpo", max_completion_length=7, delta=1.5, eps_low=0.1, chunk_size=5,
-                       gen_correction="token_truncate", memory_mode="low_memory", compute_entropy=True, backend="torch")
-    assert GRPOLossConfig(**json.loads(_config_json(c))) == c
+                       gen_correction="token_mask", gen_correction_min=0.5, off_policy_mask_threshold=0.3,
+                       use_bias_correction_kl=True, sapo_temperature_neg=2.0, vespo_k_pos=1.5,
+                       memory_mode="low_memory", compute_entropy=True, backend="torch")
+    assert GRPOLossConfig(**json.loads(c.key())) == c
+    assert GRPOLossConfig.from_key(c.key()) is GRPOLossConfig.from_key(c.key())  # parsed once

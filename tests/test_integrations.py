@@ -32,11 +32,12 @@ def _problem(B=4, T=9, H=16, V=83, seed=0, bias=True):
     mask = (torch.rand(B, T, generator=g) > 0.25).float()
     mask[2] = 0  # a sequence with no completion token
     adv = torch.randn(B, generator=g)
+    adv[0], adv[1] = -adv[0].abs(), adv[1].abs()  # both signs (sapo and vespo choose their parameters by sign)
     with torch.no_grad():
         lp = torch.log_softmax((x @ w.t() + (0 if b is None else b)) / 0.9, -1).gather(-1, ids[..., None])[..., 0]
     old = lp + 0.25 * torch.randn(B, T, generator=g)
     ref = lp + 0.2 * torch.randn(B, T, generator=g)
-    is_tok = torch.rand(B, T, generator=g) + 0.5
+    is_tok = (torch.rand(B, T, generator=g) + 0.5).masked_fill(mask == 0, 1.0)  # TRL: ratio 1 where padded
     is_seq = torch.rand(B, 1, generator=g) + 0.5
     return dict(x=x, w=w, b=b, ids=ids, mask=mask, adv=adv, old=old, ref=ref, is_tok=is_tok, is_seq=is_seq)
 
@@ -50,18 +51,31 @@ def _run(module, p, **kw):
     return [loss, x.grad, w.grad] + ([b.grad] if b is not None else []), metrics
 
 
-CASES = [(lt, lvl, beta) for lt in ("grpo", "bnpo", "dr_grpo", "dapo") for lvl in ("token", "sequence")
-         for beta in (0.0, 0.04)]
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+TOKEN_ONLY = ("cispo", "sapo", "vespo")  # sequence-level ratios are not defined for them (Liger and TRL raise)
+CASES = [(lt, lvl, beta) for lt in LOSS_TYPES for lvl in ("token", "sequence") for beta in (0.0, 0.04)
+         if not (lvl == "sequence" and lt in TOKEN_ONLY)]
+
+
+def _liger_luspo_is_per_token(level, beta, extras):
+    """Liger 0.8.5's luspo multiplies the *unmasked* [B, T] per-token loss by each sequence's token count when the
+    loss is per token (token level, a KL term or per-token IS ratios): padded positions then enter its loss. TRL
+    1.16 masks them (``(per_token_loss * mask).sum(-1).mean()``), as we do; the two agree where nothing is
+    padded, which is how the Liger comparison is run in those cases (the TRL comparison below keeps the padding)."""
+    return level == "token" or beta != 0 or "is_token" in extras
 
 
 @pytest.mark.parametrize("loss_type,level,beta", CASES)
-@pytest.mark.parametrize("extras", ["old", "old+is_token", "old+is_seq+delta", "none"])
+@pytest.mark.parametrize("extras", ["old", "old+is_token", "old+is_seq+delta", "none", "old+bias_kl"])
 def test_liger_parity(loss_type, level, beta, extras):
     liger = pytest.importorskip("liger_kernel.chunked_loss")
     p = _problem(seed=CASES.index((loss_type, level, beta)))
-    ctor = dict(beta=beta, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, max_completion_length=12,
-                importance_sampling_level=level, temperature=0.9, use_ref_model=beta != 0,
-                delta=1.5 if "delta" in extras else None)
+    if loss_type == "luspo" and _liger_luspo_is_per_token(level, beta, extras):
+        p["mask"] = torch.ones_like(p["mask"])
+    ctor = dict(beta=beta, epsilon_low=0.2, epsilon_high=1.3 if loss_type == "cispo" else 0.28, loss_type=loss_type,
+                max_completion_length=12, importance_sampling_level=level, temperature=0.9, use_ref_model=beta != 0,
+                delta=1.5 if "delta" in extras else None, use_bias_correction_kl="bias_kl" in extras,
+                sapo_temperature_neg=1.6, vespo_k_pos=1.5, vespo_lambda_neg=2.5)
     kw = {}
     if beta:
         kw["ref_per_token_logps"] = p["ref"]
@@ -89,14 +103,130 @@ def test_liger_parity_sees_a_perturbed_config():
     assert max(rel_err(a, b) for a, b in zip(ours, theirs)) > 1e-3
 
 
-def test_liger_options_we_do_not_have_are_clear_errors():
-    with pytest.raises(ValueError, match="loss_type 'cispo' is not supported"):
-        FusedLinearGRPOLoss(loss_type="cispo")
-    with pytest.raises(ValueError, match="use_bias_correction_kl"):
-        FusedLinearGRPOLoss(use_bias_correction_kl=True)
+def test_liger_constructor_and_forward_checks_follow_liger():
+    liger = pytest.importorskip("liger_kernel.chunked_loss")
+    for bad in (dict(sapo_temperature_pos=0.0), dict(sapo_temperature_neg=-1.0), dict(delta=0.0)):
+        with pytest.raises(ValueError) as theirs:
+            liger.LigerFusedLinearGRPOLoss(**bad)
+        with pytest.raises(ValueError) as ours:
+            FusedLinearGRPOLoss(**bad)
+        assert str(ours.value) == str(theirs.value)
+    p = _problem(seed=2)
+    for lt in TOKEN_ONLY:
+        with pytest.raises(ValueError, match="Sequence-level importance sampling is not supported"):
+            _run(FusedLinearGRPOLoss(loss_type=lt, importance_sampling_level="sequence", beta=0.0), p)
+    with pytest.warns(UserWarning, match="Both ref_per_token_logps and ref_input are provided"):
+        _run(FusedLinearGRPOLoss(), p, ref_per_token_logps=p["ref"], ref_input=p["x"], ref_weight=p["w"])
 
 
 # ----------------------------------------------------------------------------------------------------- TRL
+
+
+TRL_EXTRAS = ["old", "old+is_token+bias_kl", "old+is_seq+delta", "none+off_policy", "old+off_policy+is_token"]
+
+
+def _trl_loss(p, loss_type, level, beta, extras, trl_grpo):
+    """TRL 1.16's own ``GRPOTrainer._compute_loss`` on a stub trainer whose per-token log-probs come from the full
+    logits of the same hidden states (so its loss is differentiable in them). Returns ([loss, grad_x, grad_w,
+    grad_b], metrics)."""
+    import collections
+    import types
+    x, w, b = (p[k].clone().requires_grad_() for k in ("x", "w", "b"))
+
+    def logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, **kw):
+        logits = (x @ w.t() + b) / 0.9
+        lp = torch.log_softmax(logits, -1)
+        return lp.gather(-1, p["ids"][..., None])[..., 0], -(lp.exp() * lp).sum(-1), None
+
+    args = types.SimpleNamespace(use_bias_correction_kl="bias_kl" in extras, delta=1.5 if "delta" in extras else None,
+                                 sapo_temperature_pos=1.0, sapo_temperature_neg=1.6, vespo_k_pos=1.5,
+                                 vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.5, steps_per_generation=1)
+    acc = types.SimpleNamespace(num_processes=1, sync_gradients=True, gather=lambda t: t,
+                                gather_for_metrics=lambda t: t, reduce=lambda t, reduction="sum": t)
+    is_ratio = p["is_tok"] if "is_token" in extras else (p["is_seq"] if "is_seq" in extras else None)
+    stub = types.SimpleNamespace(
+        args=args, accelerator=acc, loss_type=loss_type, importance_sampling_level=level, beta=beta,
+        epsilon_low=0.2, epsilon_high=1.3 if loss_type == "cispo" else 0.28, max_completion_length=12,
+        use_vllm=is_ratio is not None, vllm_importance_sampling_correction=True,
+        off_policy_mask_threshold=0.05 if "off_policy" in extras else None, top_entropy_quantile=1.0,
+        _entropy_bonus_enabled=False, aux_loss_enabled=False, model=types.SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1, _metrics=collections.defaultdict(lambda: collections.defaultdict(list)),
+        _get_per_token_logps_and_entropies=logps_and_entropies, get_off_policy_mask=trl_grpo.get_off_policy_mask,
+        get_gamma_weights=trl_grpo.get_gamma_weights)
+    B, T = p["ids"].shape
+    inputs = dict(prompt_ids=p["ids"][:, :0], prompt_mask=p["mask"][:, :0], completion_ids=p["ids"],
+                  completion_mask=p["mask"], advantages=p["adv"], num_items_in_batch=p["mask"].sum(),
+                  sampling_per_token_logps=p["gen"])
+    if "old" in extras:
+        inputs["old_per_token_logps"] = p["old"]
+    if beta:
+        inputs["ref_per_token_logps"] = p["ref"]
+    if is_ratio is not None:
+        inputs["importance_sampling_ratio"] = is_ratio
+    loss = trl_grpo._compute_loss(stub, None, inputs)
+    (loss * 1.5).backward()
+    return [loss, x.grad, w.grad, b.grad], stub._metrics["train"]
+
+
+@pytest.mark.parametrize("loss_type,level,beta", CASES)
+@pytest.mark.parametrize("extras", TRL_EXTRAS)
+def test_trl_loss_parity(loss_type, level, beta, extras):
+    """fused_linear_grpo_loss with TRL's option names against TRL's ``_compute_loss`` (every loss type, token and
+    sequence level, KL, old log-probs, vLLM IS ratios per token and per sequence, delta, the bias-corrected KL,
+    the off-policy sequence mask with the sampling log-probs); padded positions stay padded (luspo too)."""
+    pytest.importorskip("trl")
+    from trl import GRPOTrainer
+    from exgrpo_kernels import GRPOLossConfig, fused_linear_grpo_loss
+    p = _problem(seed=CASES.index((loss_type, level, beta)) + 50)
+    p["gen"] = p["old"] + 0.1 * torch.randn(p["old"].shape, generator=torch.Generator().manual_seed(1))
+    theirs, tm = _trl_loss(p, loss_type, level, beta, extras, GRPOTrainer)
+    cfg = GRPOLossConfig(loss_type=loss_type, importance_sampling=level, eps_low=0.2,
+                         eps_high=1.3 if loss_type == "cispo" else 0.28, delta=1.5 if "delta" in extras else None,
+                         beta=beta, use_bias_correction_kl="bias_kl" in extras, sapo_temperature_neg=1.6,
+                         vespo_k_pos=1.5, vespo_lambda_neg=2.5, temperature=0.9, max_completion_length=12,
+                         off_policy_mask_threshold=0.05 if "off_policy" in extras else None)
+    B, T, H = p["x"].shape
+    x, w, b = (p[k].clone().requires_grad_() for k in ("x", "w", "b"))
+    flat = lambda t: t.reshape(-1)  # noqa: E731
+    isw = p["is_tok"].reshape(-1) if "is_token" in extras else (p["is_seq"].reshape(-1) if "is_seq" in extras else None)
+    loss, m = fused_linear_grpo_loss(x.reshape(B * T, H), w, flat(p["ids"]), torch.arange(B).repeat_interleave(T),
+                                     p["adv"], flat(p["mask"]), cfg, bias=b,
+                                     old_logp=flat(p["old"]) if "old" in extras else None,
+                                     ref_logp=flat(p["ref"]) if beta else None, gen_logp=flat(p["gen"]),
+                                     is_weights=isw, num_global_tokens=float(p["mask"].sum()))
+    (loss * 1.5).backward()
+    for i, (a, t) in enumerate(zip([loss, x.grad, w.grad, b.grad], theirs)):
+        assert rel_err(a, t) < 2e-5, f"output {i}: {rel_err(a, t):.2e}"
+    if beta:
+        assert float(m["kl"]) == pytest.approx(tm["kl"][0], rel=1e-5, abs=1e-7)
+    if cfg.objective == "clip" and level == "token":
+        assert float(m["clip_frac_high"]) == pytest.approx(tm["clip_ratio/high_mean"][0], abs=1e-7)
+    if loss_type == "cispo":
+        assert float(m["clip_frac_high"]) == pytest.approx(tm["cispo_clip_ratio"][0], abs=1e-7)
+
+
+@pytest.mark.parametrize("loss_type,perturb", [("cispo", dict(eps_high=1.2)), ("sapo", dict(sapo_temperature_neg=1.0)),
+                                               ("vespo", dict(vespo_k_pos=1.6)), ("luspo", dict(loss_type="dapo")),
+                                               ("dapo", dict(use_bias_correction_kl=False))])
+def test_trl_parity_sees_a_perturbed_config(loss_type, perturb):
+    pytest.importorskip("trl")
+    from trl import GRPOTrainer
+    from exgrpo_kernels import GRPOLossConfig, fused_linear_grpo_loss
+    p = _problem(seed=7)
+    p["gen"], p["adv"] = p["old"], torch.tensor([0.7, -1.1, 0.3, -0.4])  # both signs (sapo, vespo pick by sign)
+    extras = "old+bias_kl"
+    theirs, _ = _trl_loss(p, loss_type, "token", 0.04, extras, GRPOTrainer)
+    cfg = GRPOLossConfig(loss_type=loss_type, eps_high=1.3 if loss_type == "cispo" else 0.28, beta=0.04,
+                         use_bias_correction_kl=True, sapo_temperature_neg=1.6, vespo_k_pos=1.5, vespo_lambda_neg=2.5,
+                         temperature=0.9).replace(**perturb)
+    B, T, H = p["x"].shape
+    x, w, b = (p[k].clone().requires_grad_() for k in ("x", "w", "b"))
+    loss, _ = fused_linear_grpo_loss(x.reshape(B * T, H), w, p["ids"].reshape(-1), torch.arange(B).repeat_interleave(T),
+                                     p["adv"], p["mask"].reshape(-1), cfg, bias=b, old_logp=p["old"].reshape(-1),
+                                     ref_logp=p["ref"].reshape(-1), num_global_tokens=float(p["mask"].sum()))
+    (loss * 1.5).backward()
+    assert max(rel_err(a, t) for a, t in zip([loss, x.grad, w.grad, b.grad], theirs)) > 1e-3
+
 
 
 def _tiny_causal_lm(arch="llama", seed=0):

@@ -11,7 +11,7 @@ import torch
 from exgrpo_kernels import _native, fused_linear_grpo_loss
 from exgrpo_kernels._rows import LogitTransform, _grad_torch, _stats_torch
 from exgrpo_kernels._utils import resolve_backend
-from exgrpo_kernels.grpo_loss import _token_rows_twin
+from exgrpo_kernels.grpo_loss.rows import token_rows_twin as _token_rows_twin
 from exgrpo_kernels.nll_loss import _stats_grad_twin
 from exgrpo_kernels.packing import _pack_twin
 
@@ -316,7 +316,7 @@ ISA_CHECK = """
 import torch
 from exgrpo_kernels import _native
 from exgrpo_kernels._rows import LogitTransform, _grad_torch, _stats_torch
-from exgrpo_kernels.grpo_loss import _token_rows_twin
+from exgrpo_kernels.grpo_loss.rows import token_rows_twin as _token_rows_twin
 assert _native.status()["isa"] == "{isa}", _native.status()
 ops = torch.ops.exgrpo_native
 g = torch.Generator().manual_seed(0)

@@ -47,8 +47,8 @@ def test_grpo_loss_config_errors():
         GRPOLossConfig(loss_type="dr_grpo")
     with pytest.raises(ValueError, match=r"GRPOLossConfig.kl_estimator"):
         GRPOLossConfig(kl_estimator="k4")
-    with pytest.raises(ValueError, match=r"GRPOLossConfig.delta must be > 1"):
-        GRPOLossConfig(delta=0.5)
+    with pytest.raises(ValueError, match=r"GRPOLossConfig.delta must be > 0 or None, got -0.5"):
+        GRPOLossConfig(delta=-0.5)
     with pytest.raises(ValueError, match=r"GRPOLossConfig.temperature must be > 0"):
         GRPOLossConfig(temperature=0)
     a = _args()

@@ -79,7 +79,7 @@ class GemmRecorder:
 
     def __enter__(self):
         import exgrpo_kernels._rows as rows_mod
-        import exgrpo_kernels.grpo_loss as grpo_mod
+        import exgrpo_kernels.grpo_loss.ops as grpo_mod
         for mod in (rows_mod, grpo_mod):
             for name in ("mm", "addmm_fp32_"):
                 orig = getattr(mod, name)

@@ -9,20 +9,25 @@
                                      ref_per_token_logps=ref [B, T], old_per_token_logps=old [B, T],
                                      vllm_is_ratio=is_ratio [B, T] | [B, 1] | [B])
 
-Semantics follow Liger's ``ppo_loss_fn`` for the loss types both have (grpo, bnpo, dr_grpo, dapo) at token or
-sequence level: the dapo normaliser is ``num_items_in_batch / world`` or the all-reduced mask sum / world, as
-Liger's; metrics are ``(kl, clip_ratio)`` with beta != 0 and ``(clip_ratio,)`` without. Options Liger has and
-this kernel does not (loss types cispo, sapo, luspo, vespo; ``use_bias_correction_kl``) raise ValueError.
-Liger does not need to be installed.
+Semantics follow Liger's ``ppo_loss_fn`` for every loss type it has (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo,
+vespo) at token or sequence level, with ``delta``, ``use_bias_correction_kl``, the sapo temperatures and the vespo
+gamma parameters: the dapo / cispo / vespo normaliser is ``num_items_in_batch / world`` or the all-reduced mask sum
+/ world, as Liger's; metrics are ``(kl, clip_ratio)`` with beta != 0 and ``(clip_ratio,)`` without; its argument
+checks and warnings are Liger's. One difference, on purpose: where Liger's luspo loss is per token (token level, a
+KL term or per-token IS ratios) it sums the unmasked [B, T] terms, padded positions included; here, as in TRL
+1.16, padded positions are not in the loss (the two agree where nothing is padded). Liger does not need to be
+installed.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
 from ..grpo_loss import GRPOLossConfig, fused_linear_grpo_loss
 from ..logprobs import fused_linear_logprobs
 
-SHARED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+TOKEN_ONLY = ("cispo", "sapo", "vespo")
 
 
 class FusedLinearGRPOLoss(torch.nn.Module):
@@ -34,22 +39,29 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                  vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0,
                  memory_mode: str = "fast"):
         """Liger's arguments; ``compiled`` and ``chunk_size`` are accepted and have no effect (nothing here is
-        chunked in Python or compiled); the sapo / vespo parameters only matter for loss types this kernel does not
-        have. ``memory_mode`` ("fast" | "low_memory") is this kernel's own."""
+        chunked in Python or compiled). ``memory_mode`` ("fast" | "low_memory") is this kernel's own."""
         super().__init__()
-        if loss_type not in SHARED_LOSS_TYPES:
-            raise ValueError(f"FusedLinearGRPOLoss: loss_type {loss_type!r} is not supported by exgrpo_kernels "
-                             f"(supported: {SHARED_LOSS_TYPES}); use Liger-Kernel's LigerFusedLinearGRPOLoss for it")
-        if use_bias_correction_kl:
-            raise ValueError("FusedLinearGRPOLoss: use_bias_correction_kl=True (importance-corrected KL) is not "
-                             "supported by exgrpo_kernels")
+        # Liger's own checks, with its messages (constructor, then its forward's)
+        if sapo_temperature_pos <= 0:
+            raise ValueError(f"sapo_temperature_pos must be positive, got {sapo_temperature_pos}")
+        if sapo_temperature_neg <= 0:
+            raise ValueError(f"sapo_temperature_neg must be positive, got {sapo_temperature_neg}")
+        if delta is not None and delta <= 0:
+            raise ValueError(f"delta must be positive, got {delta}")
         if importance_sampling_level not in ("token", "sequence"):
-            raise ValueError(f"FusedLinearGRPOLoss: importance_sampling_level must be 'token' or 'sequence', got "
-                             f"{importance_sampling_level!r}")
+            raise ValueError(f"Unknown importance sampling level: {importance_sampling_level}. Possible values are "
+                             f"'token' and 'sequence'.")
+        if importance_sampling_level == "sequence" and loss_type in TOKEN_ONLY:
+            raise ValueError(f"Sequence-level importance sampling is not supported for loss_type='{loss_type}'. "
+                             f"Use importance_sampling_level='token' instead.")
         self.beta, self.use_ref_model, self.temperature = float(beta), use_ref_model, float(temperature)
         self.config = GRPOLossConfig(loss_type=loss_type, importance_sampling=importance_sampling_level,
                                      eps_low=float(epsilon_low), eps_high=float(epsilon_high), delta=delta,
-                                     beta=float(beta), kl_estimator="k3", temperature=float(temperature),
+                                     beta=float(beta), kl_estimator="k3", use_bias_correction_kl=use_bias_correction_kl,
+                                     sapo_temperature_pos=float(sapo_temperature_pos),
+                                     sapo_temperature_neg=float(sapo_temperature_neg), vespo_k_pos=float(vespo_k_pos),
+                                     vespo_lambda_pos=float(vespo_lambda_pos), vespo_k_neg=float(vespo_k_neg),
+                                     vespo_lambda_neg=float(vespo_lambda_neg), temperature=float(temperature),
                                      max_completion_length=max_completion_length, memory_mode=memory_mode)
 
     def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
@@ -70,6 +82,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
         cfg = self.config
         ref = None
+        if self.use_ref_model and ref_per_token_logps is not None and ref_input is not None:
+            warnings.warn("Both ref_per_token_logps and ref_input are provided. Using ref_per_token_logps.", stacklevel=2)
         if self.beta != 0.0:
             if ref_per_token_logps is not None:
                 ref = flat(ref_per_token_logps)
@@ -89,7 +103,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             else:
                 isw = r.reshape(B)  # per sequence ([B, 1] or [B])
         num_global = None
-        if cfg.loss_type == "dapo":
+        if cfg.aggregation == "global_tokens":  # dapo, cispo, vespo
             num_global = _dapo_normalizer(attention_mask, num_items_in_batch)
         loss, m = fused_linear_grpo_loss(_input.reshape(B * T, H), lin_weight, targets, seq_ids, advantages, mask,
                                          cfg, old_logp=flat(old_per_token_logps), ref_logp=ref, is_weights=isw,
