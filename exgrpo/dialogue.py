@@ -29,6 +29,7 @@ class TokenizedDialogue:
     generated:     [T] True for tokens an assistant produces (content + end-of-turn)
     roles:         role of each message
     logprobs:      [T] generator log-prob of each generated token (0.0 elsewhere), for rollouts
+    truncated:     per assistant turn, True where it was cut off before its end-of-turn token
     """
 
     input_ids: list[int] = field(default_factory=list)
@@ -36,6 +37,7 @@ class TokenizedDialogue:
     generated: list[bool] = field(default_factory=list)
     roles: list[str] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    truncated: list[bool] = field(default_factory=list)
     open_assistant: bool = False  # the last assistant turn has no glue yet (a user turn may follow)
 
     def __len__(self):
@@ -160,7 +162,8 @@ class DialogueTokenizer:
         d.roles.append("assistant")
         d._extend(self.assistant_header, k, False)
         d._extend(ids, k, True, logprobs)
-        if not ids or ids[-1] not in self.eot:
+        d.truncated.append(not ids or ids[-1] not in self.eot)
+        if d.truncated[-1]:
             d._extend([self.turn_end_id], k, False)
         d.open_assistant = True
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import importlib.util
 import random
 
+import torch
+
 from tqdm import tqdm
 
-from exgrpo import checkpoint, distributed
+from exgrpo import checkpoint, distill, distributed
 from exgrpo.config import GenBackend, TrainConfig, save_config
 from exgrpo.dialogue import DialogueTokenizer
 from exgrpo.evaluate import eval_examples, evaluate
@@ -24,7 +26,8 @@ from exgrpo.metrics import MetricsLog, PhaseTimer, global_mean, peak_memory_gib
 from exgrpo.model import PolicyHidden, load_policy
 from exgrpo.optim import NonFiniteGuard, make_optimizer, optimizer_step
 from exgrpo.rewards import load_reward_fns, score_rollouts
-from exgrpo.rollouts import build_prompts, rollout_batch, sample_records, scenarios
+from exgrpo.rollouts import (build_prompts, informative_questions, keep_questions, rollout_batch,
+                             sample_records, scenarios)
 from exgrpo.steps import autocast_dtype, grpo_update, step_context
 
 
@@ -44,7 +47,7 @@ def train_steps(cfg: TrainConfig, resume: bool = False):
     rank, world, device = distributed.init()
     if distributed.is_main():
         save_config(cfg, cfg.out_dir)
-    questions = [r for r in read_jsonl(cfg.data) if r["probes"] or cfg.mode == "direct"]
+    questions = [r for r in read_jsonl(cfg.data) if r["probes"] or cfg.mode in ("direct", "opd")]
     reward_fns = load_reward_fns(cfg.rewards)
     held_out = eval_examples(cfg.eval_data) if cfg.eval_every else []
     model, tok = load_policy(cfg.model, cfg.init, cfg.seed, device)
@@ -52,6 +55,7 @@ def train_steps(cfg: TrainConfig, resume: bool = False):
     if cfg.loss.beta != 0 and cfg.model.lora_rank == 0:  # the frozen reference: the same start
         ref = PolicyHidden(load_policy(cfg.model, cfg.init, cfg.seed, device)[0].requires_grad_(False).eval()).eval()
     dtok = DialogueTokenizer(tok)
+    teacher = distill.make_teacher(cfg, tok, device)  # on-policy distillation (mode=opd, opd_coef), or None
     policy = PolicyHidden(model).train()
     ctx = step_context(cfg, policy, device, ref=ref)
     # with LoRA the reference is the policy with its adapters disabled: one copy of the weights
@@ -68,22 +72,49 @@ def train_steps(cfg: TrainConfig, resume: bool = False):
     bar = tqdm(range(state["step"], cfg.steps), desc="exgrpo", disable=not (cfg.progress and distributed.is_main()))
     for step in bar:
         timer = ctx.timer = PhaseTimer(device)
-        # ---- 1. questions of this step (deterministic in the step: resume replays it exactly)
-        rng = random.Random(f"{cfg.seed}-{step}")
-        picked = rng.sample(range(len(questions)), min(cfg.questions_per_step, len(questions)))[rank::world]
-        plan = [scenarios(questions[i], cfg, random.Random(f"{cfg.seed}-{step}-{i}")) for i in picked]
-        # ---- 2. rollouts: the student answers every user turn (dialogue: G x Scenario A + G x Scenario B per question;
-        #         independent: G x each probe and G x the question; direct: G x the question)
-        prompts = build_prompts(plan, cfg)
-        with timer("gen"):
-            dialogues = multi_turn_rollouts(backend, dtok, [p.turns for p in prompts], cfg.sampling,
-                                            seed=(cfg.seed * 1_000_003 + step) * 64 + rank)
-        # ---- 3. rewards (outcome; DSU bonus; per-turn with probe_rewards) and group advantages
+        # ---- 1. questions of this step (deterministic in the step: resume replays it exactly); dynamic sampling
+        #         (filter_groups=resample) takes the next ones of the same order, round after round
+        order = random.Random(f"{cfg.seed}-{step}").sample(range(len(questions)), len(questions))
+        share = len(order[:cfg.questions_per_step][rank::world])  # this rank's questions in the step
+        kept, n_zero, n_seen = [], 0, 0
+        for rnd in range(cfg.filter_max_rounds if cfg.filter_groups == "resample" else 1):
+            picked = order[rnd * cfg.questions_per_step:(rnd + 1) * cfg.questions_per_step][rank::world]
+            plan = [scenarios(questions[i], cfg, random.Random(f"{cfg.seed}-{step}-{i}")) for i in picked]
+            # ---- 2. rollouts: the student answers every user turn (dialogue: G x Scenario A + G x Scenario B per
+            #         question; independent: G x each probe and G x the question; direct: G x the question)
+            prompts = build_prompts(plan, cfg)
+            with timer("gen"):
+                dialogues = multi_turn_rollouts(backend, dtok, [p.turns for p in prompts], cfg.sampling,
+                                                seed=(cfg.seed * 1_000_003 + step) * 64 + rank + rnd * 7_919_000_003)
+            # ---- 3. rewards (outcome; DSU bonus; per-turn with probe_rewards) and group advantages; filter_groups
+            #         drops the questions whose rollouts carry no advantage (all rewards equal: nothing to learn)
+            with timer("score"):
+                scored = score_rollouts(cfg, prompts, dialogues, dtok,
+                                        random.Random(f"perm-{cfg.seed}-{step}-{rank}" + (f"-{rnd}" if rnd else "")),
+                                        reward_fns)
+                live = list(range(len(plan)))
+                if cfg.filter_groups != "off":
+                    live = informative_questions(prompts, scored)
+                    n_zero, n_seen = n_zero + len(plan) - len(live), n_seen + len(plan)
+                    live = live[:max(0, share - sum(len(k[0]) for k in kept))]
+                kept.append((live, *keep_questions(prompts, dialogues, scored, live)))
+            if rnd == 0:  # the step's own questions: their rewards are the logged ones, their probes the aux loss's
+                first, aux_plan = (prompts, dialogues, scored), plan
+            if cfg.filter_groups != "resample" or not distributed.all_sum(sum(len(k[0]) for k in kept) < share):
+                break
         with timer("score"):
-            scored = score_rollouts(cfg, prompts, dialogues, dtok, random.Random(f"perm-{cfg.seed}-{step}-{rank}"),
-                                    reward_fns)
-            batch = rollout_batch(dialogues, scored.advantages, scored.turn_advantages, cfg.policy_turns)
-            aux = [dtok.encode(p.aux_messages).tensors("all") for p in plan] if cfg.aux_weight > 0 else []
+            turn_adv = None if kept[0][5] is None else [a for k in kept for a in k[5]]
+            batch = rollout_batch([d for k in kept for d in k[2]], torch.cat([k[4] for k in kept]), turn_adv,
+                                  cfg.policy_turns, cfg.mask_truncated_completions)
+            aux = [dtok.encode(p.aux_messages).tensors("all") for p in aux_plan] if cfg.aux_weight > 0 else []
+        prompts, dialogues, scored = first
+        opd = {}
+        if teacher is not None:  # ---- on-policy distillation: the teacher scores every sampled token
+            with timer("teacher"):
+                t_lp = teacher.logprobs(ctx, list(zip(batch.ids, batch.mask)))
+                base = batch.advantages * 0 if cfg.mode == "opd" else batch.advantages
+                batch.token_advantages, opd = distill.token_advantages(batch.mask, batch.gen_logp, t_lp, base,
+                                                                       1.0 if cfg.mode == "opd" else cfg.opd_coef)
         backend.sleep()  # vLLM on CUDA frees its memory while we train
         # ---- 4. training phase: reference log-probs once, then GRPO loss (+ lambda x aux SFT) on packed micro-batches
         upd = grpo_update(ctx, batch.inputs(), aux, cfg.loss,
@@ -97,6 +128,11 @@ def train_steps(cfg: TrainConfig, resume: bool = False):
         resp = [sum(d.generated) / max(1, sum(r == "assistant" for r in d.roles)) for d in dialogues]
         rewards = {k: global_mean(v) for k, v in sorted(scored.metrics.items())}
         t_step = sum(timer.times.values())
+        if cfg.filter_groups != "off":
+            rewards.update(frac_zero_adv_questions=distributed.all_sum(n_zero) / max(1.0, distributed.all_sum(n_seen)),
+                           sampling_rounds=float(rnd + 1), trained_questions=distributed.all_sum(
+                               sum(len(k[0]) for k in kept)))
+        rewards.update({k: distributed.all_sum(v) / world for k, v in opd.items()})
         rec = {"step": step, **upd.record(), **{k: v for k, v in rewards.items() if v is not None},
                "adv_abs_mean": global_mean(batch.advantages.abs().tolist()), "response_tokens": global_mean(resp),
                "tokens_per_s": n_tok / t_step, "time_step_s": t_step, **timer.record(),

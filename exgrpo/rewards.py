@@ -68,13 +68,19 @@ def load_reward_fns(names, field_name: str = "rewards") -> list[RewardFn]:
 
 
 def outcome_rewards(fns: list[RewardFn], weights, prompts: list[str], completions: list[str], completion_ids,
-                    answers: list[str], answer_types: list[str]) -> list[float]:
-    """sum_f w_f f(...) per trajectory; a reward function that returns the wrong count or a non-number is an
-    error naming it."""
+                    answers: list[str], answer_types: list[str], per_fn: dict | None = None) -> list[float]:
+    """sum_f w_f f(...) per trajectory; a reward function that raises, returns the wrong count or a non-number is a
+    one-line error naming it. per_fn (a dict): filled with "reward_fn/<name>" -> its unweighted rewards, for the
+    log."""
     total = [0.0] * len(completions)
     for f, w in zip(fns, weights or [1.0] * len(fns)):
-        r = f(prompts, completions, completion_ids=completion_ids, answer=answers, answer_type=answer_types)
         name = getattr(f, "__qualname__", repr(f))
+        try:
+            r = list(f(prompts, completions, completion_ids=completion_ids, answer=answers, answer_type=answer_types))
+        except Exception as e:  # a user's function: report which one, and why
+            raise ValueError(f"reward function {name} raised {type(e).__name__}: {e}") from e
+        if per_fn is not None:
+            per_fn[f"reward_fn/{name}"] = r
         if len(r) != len(completions):
             raise ValueError(f"reward function {name} returned {len(r)} rewards for {len(completions)} completions")
         for i, v in enumerate(r):
@@ -169,14 +175,22 @@ def score_rollouts(cfg: TrainConfig, prompts: list[Prompt], dialogues, dtok, rng
     with no probe before it: the evaluated condition), reward_after_probes (after at least one probe), the
     bonus's firing rate and its permutation baseline."""
     reward_fns = reward_fns if reward_fns is not None else load_reward_fns(cfg.rewards)
+    per_fn: dict = {}
     texts = [assistant_texts(dtok, d) for d in dialogues]
     correct = [[float(is_correct(t, a, at)) for t, (a, at) in zip(ts, p.answers)] for ts, p in zip(texts, prompts)]
     total = outcome_rewards(reward_fns, cfg.reward_weights, [p.turns[-1] for p in prompts], [t[-1] for t in texts],
                             [_last_turn_ids(d) for d in dialogues], [p.answers[-1][0] for p in prompts],
-                            [p.answers[-1][1] for p in prompts]) if prompts else []
+                            [p.answers[-1][1] for p in prompts], per_fn) if prompts else []
     final = [c[-1] for c in correct]
     metrics: dict = {"reward": [], "reward_question": [], "reward_direct": [], "reward_after_probes": [],
                      "reward_probes": [x for c in correct for x in c[:-1]]}
+    if len(reward_fns) > 1:
+        metrics.update(per_fn)
+    if cfg.overlong_buffer:  # DAPO's soft overlong punishment of the final answer
+        pen = [overlong_penalty(len(_last_turn_ids(d)), cfg.sampling.max_new_tokens, cfg.overlong_buffer,
+                                cfg.overlong_penalty_factor) for d in dialogues]
+        total = [t + p for t, p in zip(total, pen)]
+        metrics["reward_overlong"] = pen
     group: list = [None] * len(prompts)
     n_q = max((p.question for p in prompts), default=-1) + 1
     by_q = [[i for i, p in enumerate(prompts) if p.question == q] for q in range(n_q)]
@@ -187,7 +201,7 @@ def score_rollouts(cfg: TrainConfig, prompts: list[Prompt], dialogues, dtok, rng
             else:
                 metrics["reward_question"].append(final[i])
                 metrics["reward_direct" if len(prompts[i].turns) == 1 else "reward_after_probes"].append(final[i])
-        if cfg.mode in ("independent", "direct"):
+        if cfg.mode in ("independent", "direct", "opd"):
             for i in idx:
                 group[i] = Group(qi, "prompt", prompts[i].probe_ids[0])
             continue
@@ -209,6 +223,13 @@ def score_rollouts(cfg: TrainConfig, prompts: list[Prompt], dialogues, dtok, rng
     adv = grouped_advantages(torch.tensor(total), dense_ids(group)) if total else torch.zeros(0)
     turn_adv = _turn_advantages(prompts, total, correct, group) if cfg.probe_rewards else None
     return Scored(total, adv, turn_adv, metrics)
+
+
+def overlong_penalty(length: int, max_len: int, buffer: int, factor: float = 1.0) -> float:
+    """DAPO's soft overlong punishment: 0 up to max_len - buffer tokens, then linear down to -factor at max_len."""
+    if buffer <= 0:
+        return 0.0
+    return -factor * min(1.0, max(0, length - (max_len - buffer)) / buffer)
 
 
 def _turn_advantages(prompts: list[Prompt], total, correct, group) -> list[list[float]]:

@@ -60,7 +60,7 @@ def build_prompts(plan: list[Plan], cfg: TrainConfig) -> list[Prompt]:
     out = []
     for qi, p in enumerate(plan):
         q = (p.answer, p.answer_type)
-        if cfg.mode in ("independent", "direct"):
+        if cfg.mode in ("independent", "direct", "opd"):
             for j, pr in enumerate(p.probes if cfg.mode == "independent" else []):
                 out += [Prompt(qi, "probe", [pr["question"]], [(pr["answer"], pr["answer_type"])], [j])] * cfg.G
             out += [Prompt(qi, "question", [p.question], [q], [-1])] * cfg.G
@@ -82,6 +82,7 @@ class RolloutBatch:
     advantages: [S] fp32
     turn_ids:   S tensors [T_i] int64: assistant turn of each token (-1 outside), with turn_advantages
     turn_advantages: S tensors [n_turns_i] fp32: per-turn credit (probe_rewards), or None
+    token_advantages: S tensors [T_i] fp32: per-token advantages (on-policy distillation), or None
     """
 
     ids: list
@@ -90,24 +91,52 @@ class RolloutBatch:
     advantages: torch.Tensor
     turn_ids: list | None = None
     turn_advantages: list | None = None
+    token_advantages: list | None = None
 
     def inputs(self) -> GRPOInputs:
         return GRPOInputs(seqs=list(zip(self.ids, self.mask)), advantages=self.advantages, gen_logp=self.gen_logp,
-                          turn_ids=self.turn_ids, turn_advantages=self.turn_advantages)
+                          turn_ids=self.turn_ids, turn_advantages=self.turn_advantages,
+                          token_advantages=self.token_advantages)
 
 
 def rollout_batch(dialogues: list[TokenizedDialogue], advantages: torch.Tensor, turn_advantages: list | None,
-                  policy_turns: str) -> RolloutBatch:
-    """The rollouts as training sequences: the loss on every student turn ("all") or the last ("final")."""
+                  policy_turns: str, mask_truncated: bool = False) -> RolloutBatch:
+    """The rollouts as training sequences: the loss on every student turn ("all") or the last ("final");
+    mask_truncated: not on turns cut off at max_new_tokens (TRL's mask_truncated_completions)."""
     ids, mask, glp, turns = [], [], [], []
     for d in dialogues:
         ids.append(torch.tensor(d.input_ids, dtype=torch.int64))
-        mask.append(torch.tensor(d.token_mask("all" if policy_turns == "all" else "last"), dtype=torch.bool))
+        m = torch.tensor(d.token_mask("all" if policy_turns == "all" else "last"), dtype=torch.bool)
+        tid = torch.tensor(assistant_turn_ids(d), dtype=torch.int64)
+        if mask_truncated and any(d.truncated):
+            cut = torch.tensor([False] + list(d.truncated))  # index 0: outside assistant turns (turn id -1)
+            m &= ~cut[tid + 1]
+        mask.append(m)
         glp.append(torch.tensor(d.logprobs, dtype=torch.float32))
-        turns.append(torch.tensor(assistant_turn_ids(d), dtype=torch.int64))
+        turns.append(tid)
     ta = None if turn_advantages is None else [torch.tensor(t, dtype=torch.float32) for t in turn_advantages]
     return RolloutBatch(ids, mask, glp, advantages.float(), turn_ids=turns if ta is not None else None,
                         turn_advantages=ta)
+
+
+def informative_questions(prompts: list[Prompt], scored) -> list[int]:
+    """The step's questions (indices into its plan) whose rollouts carry any non-zero advantage: a question whose
+    rollouts all got the same reward (every group of it constant) gives the policy loss nothing to learn from."""
+    live = set()
+    for i, p in enumerate(prompts):
+        turn = scored.turn_advantages[i] if scored.turn_advantages is not None else []
+        if float(scored.advantages[i]) != 0.0 or any(a != 0.0 for a in turn):
+            live.add(p.question)
+    return sorted(live)
+
+
+def keep_questions(prompts: list[Prompt], dialogues: list, scored, questions: list[int]):
+    """(prompts, dialogues, rewards, advantages [S'], turn_advantages or None) of the rollouts of ``questions``."""
+    keep = set(questions)
+    idx = [i for i, p in enumerate(prompts) if p.question in keep]
+    ta = None if scored.turn_advantages is None else [scored.turn_advantages[i] for i in idx]
+    return ([prompts[i] for i in idx], [dialogues[i] for i in idx], [scored.rewards[i] for i in idx],
+            scored.advantages[idx] if idx else scored.advantages[:0], ta)
 
 
 def sample_records(n_per_scenario: int, prompts: list[Prompt], dialogues, rewards, dtok) -> list[dict]:

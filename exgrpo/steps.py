@@ -214,6 +214,7 @@ class GRPOInputs:
     turn_ids:   S tensors [T_i] int64, the assistant turn of each token (-1 outside), or None
     turn_advantages: S tensors [n_turns_i] fp32, one advantage per assistant turn (per-turn credit), or None: then
                 every token of sequence i has advantages[i]
+    token_advantages: S tensors [T_i] fp32, one advantage per token (on-policy distillation), or None
     """
 
     seqs: list
@@ -225,11 +226,22 @@ class GRPOInputs:
     num_global_seqs: float | None = None
     turn_ids: list | None = None
     turn_advantages: list | None = None
+    token_advantages: list | None = None
+
+    def has_advantage(self) -> bool:
+        """Whether any sequence, turn or token carries a non-zero advantage (else there is no policy gradient)."""
+        if self.token_advantages is not None:
+            return any(bool(t.abs().sum() > 0) for t in self.token_advantages)
+        return float(self.advantages.abs().sum()) != 0
 
     def segments(self, idx: list[int], device) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(segment id of each packed position [N] or None, advantages per segment): with per-turn advantages each
-        assistant turn is its own segment (a position is credited with the turn of the token it predicts);
-        otherwise the sequences themselves (None: the packed batch's seq_ids)."""
+        """(segment id of each packed position [N] or None, advantages per segment): with per-token advantages every
+        position is its own segment (credited with the token it predicts); with per-turn advantages each assistant
+        turn is (a position is credited with the turn of the token it predicts); otherwise the sequences themselves
+        (None: the packed batch's seq_ids)."""
+        if self.token_advantages is not None:
+            adv = per_token_packed([self.token_advantages[i] for i in idx], device).float()
+            return torch.arange(adv.shape[0], device=device), adv
         if self.turn_advantages is None:
             return None, self.advantages[idx].to(device)
         segs, advs, base = [], [], 0
@@ -245,12 +257,13 @@ class GRPOInputs:
 
 
 def _global_scale(cfg: GRPOLossConfig, b: PackedBatch, x: GRPOInputs, num_global_tokens: float) -> float:
-    """The kernel normalises "grpo" / "dr_grpo" by the micro-batch's sequences and "bnpo" by its tokens; this
-    factor makes the sum over micro-batches and ranks the loss of the global batch (TARGETS: the loss depends
-    only on the global batch). "dapo" is normalised by num_global_tokens in the kernel already."""
-    if cfg.loss_type in ("grpo", "dr_grpo"):
+    """The kernel normalises the per-sequence aggregations (grpo, sapo, dr_grpo, luspo) by the micro-batch's
+    sequences and "bnpo" by its tokens; this factor makes the sum over micro-batches and ranks the loss of the global
+    batch (the loss depends only on the global batch). dapo, cispo and vespo are normalised by num_global_tokens in
+    the kernel already."""
+    if cfg.aggregation in ("seq_mean", "constant", "seq_sum"):
         return b.num_seqs / float(x.num_global_seqs or len(x.seqs))
-    if cfg.loss_type == "bnpo":
+    if cfg.aggregation == "token_mean":
         n = int((b.loss_mask & (b.targets != -100)).sum())
         return n / max(1.0, float(num_global_tokens))
     return 1.0
@@ -335,11 +348,13 @@ def gather_batch(x: GRPOInputs, aux: list) -> tuple[GRPOInputs, list]:
     """Every rank's sequences (in rank order), so that the micro-batches of all ranks are planned together."""
     if distributed.world() == 1:
         return x, aux
-    parts = distributed.all_gather_object((x.seqs, x.advantages, x.gen_logp, x.turn_ids, x.turn_advantages, aux))
+    parts = distributed.all_gather_object((x.seqs, x.advantages, x.gen_logp, x.turn_ids, x.turn_advantages, aux,
+                                           x.token_advantages))
     cat = lambda i: [v for p in parts for v in p[i]]  # noqa: E731
     has_turns = parts[0][3] is not None
     g = GRPOInputs(seqs=cat(0), advantages=torch.cat([p[1] for p in parts]), gen_logp=cat(2),
-                   turn_ids=cat(3) if has_turns else None, turn_advantages=cat(4) if has_turns else None)
+                   turn_ids=cat(3) if has_turns else None, turn_advantages=cat(4) if has_turns else None,
+                   token_advantages=cat(6) if parts[0][6] is not None else None)
     return g, cat(5)
 
 
@@ -358,7 +373,7 @@ def grpo_update(ctx: StepContext, x: GRPOInputs, aux: list, loss_cfg: GRPOLossCo
     x.num_global_tokens = float(sum(int(m[1:].sum()) for _, m in x.seqs))
     x.num_global_seqs = float(len(x.seqs))
     n_aux = float(sum(int(m[1:].sum()) for _, m in aux)) if aux else 0.0
-    all_zero = float(x.advantages.abs().sum()) == 0
+    all_zero = not x.has_advantage()
     plan = global_plan([len(s[0]) for s in x.seqs], ctx.micro_batch_tokens)
     aux_plan = global_plan([len(s[0]) for s in aux], ctx.micro_batch_tokens) if aux else None
     if loss_cfg.beta != 0 and not all_zero:

@@ -32,6 +32,10 @@ CASES = {  # name: (config overrides, input overrides)
     "sequence_mask_no_old": (dict(gen_correction="sequence_mask", gen_correction_cap=1.5), dict(old_logp=None)),
     "off_policy": (dict(off_policy_mask_threshold=-0.05, loss_type="bnpo"), {}),
     "off_policy_no_gen": (dict(off_policy_mask_threshold=0.0, loss_type="cispo", eps_high=2.0), dict(gen_logp=None)),
+    "entropy_bonus": (dict(entropy_coef=0.05), {}),
+    "entropy_bonus_sequence": (dict(entropy_coef=0.05, importance_sampling="sequence", loss_type="grpo"), {}),
+    "entropy_mask": (dict(top_entropy_quantile=0.4), {}),
+    "entropy_mask_bonus_vespo": (dict(top_entropy_quantile=0.5, entropy_coef=0.02, loss_type="vespo"), {}),
 }
 
 
@@ -78,7 +82,7 @@ def test_off_policy_mask_drops_only_negative_advantage_drifted_sequences():
         adv = torch.ones(S)
         adv[1] = a1
         cfg = GRPOLossConfig(beta=0.0, off_policy_mask_threshold=0.1)
-        terms, c = policy_terms(l, old=None, ref=None, gen=gen, ext=None, ext_seq=None, adv_seq=adv,
+        terms, c, _ = policy_terms(l, old=None, ref=None, gen=gen, ext=None, ext_seq=None, adv_seq=adv,
                                 w_seq=torch.ones(S), seq_ids=b["seq_ids"].cpu(), cfg=cfg)
         assert bool((c[drifted] != 0).all()) == kept
         assert bool((c[~drifted] != 0).all())

@@ -21,6 +21,10 @@ def wrong_count(prompts, completions, **kwargs):
     return [1.0]
 
 
+def broken(prompts, completions, **kwargs):
+    return [1 / 0 for _ in completions]
+
+
 def _dialogues(dtok, prompts, answers):
     out = []
     for p, ans in zip(prompts, answers):
@@ -37,6 +41,12 @@ def test_reward_functions_load_weight_and_fail_clearly():
     r = outcome_rewards(fns, (1.0, 2.0), ["q", "q"], ["The answer is 3.", "no"], [[1], [2]], ["3", "3"],
                         ["number", "number"])
     assert r == pytest.approx([1.0 + 2 * 0.4, 0.2])
+    per_fn = {}
+    outcome_rewards(fns, (1.0, 2.0), ["q", "q"], ["The answer is 3.", "no"], [[1], [2]], ["3", "3"],
+                    ["number", "number"], per_fn)
+    assert per_fn == {"reward_fn/answer_reward": [1.0, 0.0], "reward_fn/length_bonus": pytest.approx([0.4, 0.1])}
+    with pytest.raises(ValueError, match=r"^reward function broken raised ZeroDivisionError: division by zero$"):
+        outcome_rewards([broken], (), ["q"], ["a"], [[1]], ["1"], ["number"])
     with pytest.raises(ValueError, match=r"rewards: 'nope' is neither a built-in reward \(answer\) nor module:function"):
         load_reward_fns(("nope",))
     with pytest.raises(ValueError, match=r"cannot load reward function 'tests.test_rewards:missing'"):

@@ -66,3 +66,33 @@ def test_server_killed_mid_run_gives_a_clear_error_not_a_hang(server):
                     extra_body={"min_tokens": 400, "ignore_eos": True})
     assert time.time() - t0 < 60
     killer.join()
+
+
+def test_opd_teacher_server_log_probs_equal_the_local_model_and_a_run_trains(server, tmp_path, tmp_path_factory):
+    """The server teacher (vLLM's prompt_logprobs of the student's token ids) gives the log-probs the same model
+    gives locally, and `exgrpo train mode=opd teacher_url=...` runs end to end against it."""
+    import torch
+
+    from exgrpo.config import ModelConfig, SamplingConfig, TrainConfig
+    from exgrpo.distill import LocalTeacher, ServerTeacher
+    from exgrpo.grpo import train
+    from exgrpo.model import build_student
+    from exgrpo.steps import step_context
+    from tests.utils import ei_data
+    _, tok = build_student(ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2))
+    seqs = [(torch.tensor(tok.encode(t)), torch.ones(len(tok.encode(t)), dtype=torch.bool))
+            for t in ("12+30=42", "the answer is 7", "x")]
+    local = LocalTeacher(server.model_path, tok, "cpu")
+    ctx = step_context(TrainConfig(), local.model, "cpu")
+    want = local.logprobs(ctx, seqs)
+    got = ServerTeacher(server.url, "teacher").logprobs(ctx, seqs)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=2e-3), (g, w)
+    data = ei_data(tmp_path_factory, limit=6, rules_per_example=2)
+    out = tmp_path / "opd"
+    train(TrainConfig(data=data, init=None, model=ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2),
+                      out_dir=str(out), steps=2, questions_per_step=2, G=2, mode="opd", teacher_url=server.url,
+                      aux_weight=0.0, sampling=SamplingConfig(max_new_tokens=6), backend="transformers",
+                      progress=False))
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert len(rows) == 2 and all(r["opd_reverse_kl"] == r["opd_reverse_kl"] and r["time_teacher_s"] > 0 for r in rows)

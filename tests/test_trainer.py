@@ -283,3 +283,75 @@ def test_periodic_evaluation_and_the_step_time_split(data, tmp_path):
         eval_examples("arithmetic:x")
     with pytest.raises(ValueError, match="eval_every > 0 needs eval_data"):
         TrainConfig(eval_every=5)
+
+
+def constant_reward(prompts, completions, **kw):
+    """A reward every completion gets alike: every group ties, every advantage is 0."""
+    return [1.0] * len(completions)
+
+
+def token_parity(prompts, completions, completion_ids, **kw):
+    """A reward that differs across samples of one prompt (the parity of the answer's token-id sum)."""
+    return [float(sum(c) % 2) for c in completion_ids]
+
+
+@pytest.mark.parametrize("mode", ["skip", "resample"])
+def test_dynamic_sampling_drops_or_replaces_questions_without_advantage(data, tmp_path, mode):
+    common = dict(data=data, init=None, model=TINY, steps=2, questions_per_step=3, G=2, mode="direct",
+                  sampling=SamplingConfig(max_new_tokens=5), backend="transformers", progress=False, aux_weight=0.0,
+                  filter_groups=mode, filter_max_rounds=3)
+    out = tmp_path / "tied"
+    train(TrainConfig(out_dir=str(out), rewards=("tests.test_trainer:constant_reward",), **common))
+    for r in (json.loads(x) for x in open(out / "metrics.jsonl")):
+        assert r["frac_zero_adv_questions"] == 1.0 and r["trained_questions"] == 0 and r["skipped_zero_adv"]
+        assert r["sampling_rounds"] == (3 if mode == "resample" else 1)  # resample tries every round it may
+    out = tmp_path / "live"
+    train(TrainConfig(out_dir=str(out), rewards=("tests.test_trainer:token_parity",), **common))
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    for r in rows:
+        assert 0 <= r["frac_zero_adv_questions"] < 1 and 1 <= r["trained_questions"] <= 3
+        if mode == "resample":  # it stops as soon as the step has its 3 informative questions, or after 3 rounds
+            assert r["trained_questions"] == 3 or r["sampling_rounds"] == 3
+        else:
+            assert r["sampling_rounds"] == 1
+            assert r["trained_questions"] == round(3 * (1 - r["frac_zero_adv_questions"]))
+
+
+def test_informative_questions_and_keep_questions():
+    from exgrpo.rewards import Scored
+    from exgrpo.rollouts import Prompt, informative_questions, keep_questions
+    prompts = [Prompt(q, "question", ["x"], [("1", "number")], [-1]) for q in (0, 0, 1, 1, 2, 2)]
+    scored = Scored([1, 1, 0, 1, 0, 0], torch.tensor([0.0, 0.0, -0.7, 0.7, 0.0, 0.0]), None, {})
+    assert informative_questions(prompts, scored) == [1]
+    turn = Scored(scored.rewards, scored.advantages, [[0.0], [0.0], [0.0], [0.0], [0.3], [0.0]], {})
+    assert informative_questions(prompts, turn) == [1, 2]  # a per-turn advantage counts
+    p, d, r, a, ta = keep_questions(prompts, list("abcdef"), turn, [2])
+    assert d == ["e", "f"] and r == [0, 0] and a.tolist() == [0.0, 0.0] and ta == [[0.3], [0.0]]
+
+
+def test_truncated_turns_are_masked_out_on_request():
+    from exgrpo.dialogue import DialogueTokenizer
+    from exgrpo.rollouts import rollout_batch
+    _, tok = build_student(TINY)
+    dtok = DialogueTokenizer(tok)
+    eot = sorted(dtok.eot)[0]
+    d = dtok.start([{"role": "user", "content": "1+1="}])
+    dtok.append_generated(d, [20, 21, eot], [-0.1] * 3)  # finished
+    dtok.append_user(d, "again?")
+    dtok.append_generated(d, [22, 23, 24], [-0.2] * 3)  # cut off at max_new_tokens
+    assert d.truncated == [False, True]
+    full = rollout_batch([d], torch.zeros(1), None, "all").mask[0]
+    cut = rollout_batch([d], torch.zeros(1), None, "all", mask_truncated=True).mask[0]
+    assert int(full.sum()) == 6 and int(cut.sum()) == 3  # the finished turn's 3 tokens stay
+    ids = torch.tensor(d.input_ids)
+    assert ids[cut].tolist() == [20, 21, eot]
+
+
+def test_overlong_penalty_is_dapos_soft_punishment():
+    from exgrpo.rewards import overlong_penalty
+    assert [overlong_penalty(n, 16, 4) for n in (10, 12, 13, 14, 16)] == [0.0, 0.0, -0.25, -0.5, -1.0]
+    assert overlong_penalty(16, 16, 0) == 0.0 and overlong_penalty(14, 16, 4, factor=2.0) == -1.0
+    with pytest.raises(ValueError, match=r"overlong_buffer must be in \[0, sampling.max_new_tokens=96\), got 96"):
+        TrainConfig(overlong_buffer=96)
+    with pytest.raises(ValueError, match="filter_groups must be one of"):
+        TrainConfig(filter_groups="dynamic")

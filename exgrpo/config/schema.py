@@ -35,7 +35,7 @@ class GenBackend(str, enum.Enum):
 GEN_BACKENDS = tuple(b.value for b in GenBackend)
 PARALLEL = ("ddp", "fsdp2")
 PRECISIONS = ("auto", "bf16", "fp32")
-TRAIN_MODES = ("dialogue", "independent", "direct")
+TRAIN_MODES = ("dialogue", "independent", "direct", "opd")
 
 # Shapes of real students, built with random weights and the project's byte tokenizer (no download): for GPU
 # smoke tests, benchmarks and the memory planner. The vocabulary keeps its real size (the byte ids are its first
@@ -239,7 +239,12 @@ class TrainConfig:
     k_partial: int = 2  # probes in Scenario B (k'); 0: the question asked directly (the evaluated condition)
     k_partial_mode: str = "fixed"  # fixed: k' = k_partial | random: k' drawn in [0, k) per question ("random truncation")
     mode: str = "dialogue"  # dialogue: Scenarios A/B | independent: each probe and the question its own prompt and
-    #                         group | direct: the question alone, G samples (plain GRPO, the "SFT + RL" baseline)
+    #                         group | direct: the question alone, G samples (plain GRPO, the "SFT + RL" baseline) |
+    #                         opd: on-policy distillation (the question alone; per-token advantage l_teacher - l)
+    teacher: str = ""  # on-policy distillation: the teacher, a Hugging Face folder (same tokenizer as the student),
+    teacher_url: str = ""  # or an OpenAI-compatible server that returns prompt_logprobs (vLLM), with its model name
+    teacher_model: str = "teacher"
+    opd_coef: float = 0.0  # per-token advantage + opd_coef x (l_teacher - l_student) in any mode (mode=opd: 1, alone)
     delta: float = 0.5  # DSU bonus
     nu: float = 1.0  # the bonus fires when P_full > nu * P_partial
     dsu: bool = True  # False: the same dialogues with the bonus off (delta = 0)
@@ -251,6 +256,14 @@ class TrainConfig:
     rewards: tuple[str, ...] = ("answer",)  # reward functions of the final answer, summed: answer (the outcome
     #                                          reward R_base) and/or module:function (TRL's signature, see rewards.py)
     reward_weights: tuple[float, ...] = ()  # one weight per reward function (empty: all 1)
+    filter_groups: str = "off"  # dynamic sampling: questions whose rollouts all got the same reward (zero advantage)
+    #                             are dropped before the training phase ("skip") or replaced by fresh questions until
+    #                             the step has questions_per_step informative ones ("resample", DAPO) | off
+    filter_max_rounds: int = 4  # resample: generation rounds per step at most (the first included)
+    mask_truncated_completions: bool = False  # student turns cut off at max_new_tokens are left out of the loss
+    overlong_buffer: int = 0  # DAPO's soft overlong punishment of the final answer over the last overlong_buffer
+    #                           tokens before sampling.max_new_tokens: reward - factor * (len - (L - buffer)) / buffer
+    overlong_penalty_factor: float = 1.0  # (0 buffer: off)
     aux_weight: float = 0.1  # lambda, auxiliary SFT loss on the probes' teacher rationales
     policy_turns: str = "all"  # "all" student turns or only the "final" answer turn
     updates_per_batch: int = 1  # > 1: old log-probs are computed before the first update
@@ -287,9 +300,11 @@ class TrainConfig:
                              f"{self.updates_per_batch}, {self.questions_per_step}, {self.steps}")
         _one_of("TrainConfig", "k_partial_mode", self.k_partial_mode, ("fixed", "random"))
         _one_of("TrainConfig", "mode", self.mode, TRAIN_MODES)
-        if self.probe_rewards and (self.loss.loss_type == "grpo" or self.loss.importance_sampling != "token"):
+        if self.probe_rewards and (self.loss.aggregation in ("seq_mean", "seq_sum")
+                                   or self.loss.importance_sampling != "token"
+                                   or self.loss.needs_sequence_pass(has_old=True)):
             raise ValueError("TrainConfig.probe_rewards gives each turn its own advantage: it needs a token-level loss "
-                             f"(loss.loss_type dapo, bnpo or dr_grpo, loss.importance_sampling token), got "
+                             f"(loss.loss_type dapo, bnpo, dr_grpo or cispo, loss.importance_sampling token), got "
                              f"{self.loss.loss_type!r} / {self.loss.importance_sampling!r}")
         if self.sampling.temperature != self.loss.temperature:
             raise ValueError(f"TrainConfig.sampling.temperature ({self.sampling.temperature}) and loss.temperature "
@@ -300,6 +315,24 @@ class TrainConfig:
         if self.reward_weights and len(self.reward_weights) != len(self.rewards):
             raise ValueError(f"TrainConfig.reward_weights has {len(self.reward_weights)} weights for "
                              f"{len(self.rewards)} reward functions {self.rewards}")
+        if (self.mode == "opd" or self.opd_coef) and not (self.teacher or self.teacher_url):
+            raise ValueError("TrainConfig.mode=opd / opd_coef need a teacher: teacher=<model folder> or "
+                             "teacher_url=<OpenAI-compatible server>")
+        if self.opd_coef < 0:
+            raise ValueError(f"TrainConfig.opd_coef must be >= 0, got {self.opd_coef}")
+        if (self.mode == "opd" or self.opd_coef) and (self.probe_rewards or self.loss.aggregation in
+                                                      ("seq_mean", "seq_sum") or self.loss.needs_sequence_pass(True)):
+            raise ValueError("TrainConfig.mode=opd / opd_coef give every token its own advantage: they need a "
+                             "token-level loss (loss.loss_type dapo, bnpo, dr_grpo or cispo, importance_sampling token) "
+                             "and no probe_rewards")
+        _one_of("TrainConfig", "filter_groups", self.filter_groups, ("off", "skip", "resample"))
+        if self.filter_max_rounds < 1:
+            raise ValueError(f"TrainConfig.filter_max_rounds must be >= 1, got {self.filter_max_rounds}")
+        if not 0 <= self.overlong_buffer < self.sampling.max_new_tokens:
+            raise ValueError(f"TrainConfig.overlong_buffer must be in [0, sampling.max_new_tokens="
+                             f"{self.sampling.max_new_tokens}), got {self.overlong_buffer}")
+        if self.overlong_penalty_factor < 0:
+            raise ValueError(f"TrainConfig.overlong_penalty_factor must be >= 0, got {self.overlong_penalty_factor}")
         if self.eval_every < 0:
             raise ValueError(f"TrainConfig.eval_every must be >= 0, got {self.eval_every}")
         if self.eval_every and not self.eval_data:

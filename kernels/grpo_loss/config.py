@@ -50,6 +50,10 @@ class GRPOLossConfig:
     gen_correction_cap, gen_correction_min: the range's upper bound (default 2.0) and lower bound (None = none).
     off_policy_mask_threshold: DeepSeek-V3.2's off-policy sequence mask: a sequence with A < 0 whose mean
         (l_gen - l) (l_old where no gen_logp is given) exceeds it is dropped from the policy term. None = off.
+    entropy_coef: an entropy bonus, J_t -= entropy_coef H_t with the policy term's aggregation weight (its gradient
+        formed in the same pass as the rest). Default 0.
+    top_entropy_quantile: train the policy term on the tokens whose entropy is in this top fraction of the call's
+        tokens (TRL's entropy masking: H_t >= quantile(H, 1 - q)); 1.0 = every token.
     memory_mode: "fast" (fp32 [V, H] grad-weight accumulator, fewest GEMMs) or "low_memory".
     compute_entropy: also report the mean entropy (a metric; costs no GEMM).
     fp32_logits: compute the logits tiles in fp32 (CUDA).
@@ -79,6 +83,8 @@ class GRPOLossConfig:
     gen_correction_cap: float = 2.0
     gen_correction_min: float | None = None
     off_policy_mask_threshold: float | None = None
+    entropy_coef: float = 0.0
+    top_entropy_quantile: float = 1.0
     memory_mode: str = "fast"
     compute_entropy: bool = False
     fp32_logits: bool = False
@@ -101,6 +107,7 @@ class GRPOLossConfig:
                   ("gen_correction_cap", self.gen_correction_cap > 0, "> 0"),
                   ("gen_correction_min", self.gen_correction_min is None
                    or 0 <= self.gen_correction_min < self.gen_correction_cap, "in [0, gen_correction_cap) or None"),
+                  ("top_entropy_quantile", 0 < self.top_entropy_quantile <= 1, "in (0, 1]"),
                   ("chunk_size", self.chunk_size is None or self.chunk_size >= 1, ">= 1 or None"))
         for name, ok, rule in checks:
             if not ok:
@@ -128,11 +135,17 @@ class GRPOLossConfig:
         """seq_mean | token_mean | constant | global_tokens | seq_sum."""
         return AGGREGATION[self.loss_type]
 
+    @property
+    def needs_entropy(self) -> bool:
+        """Whether the per-token entropies are computed (reported, or in the loss)."""
+        return self.compute_entropy or self.entropy_coef != 0 or self.top_entropy_quantile < 1
+
     def needs_sequence_pass(self, has_old: bool) -> bool:
-        """Whether a token's gradient depends on other tokens' current log-probs (a sequence statistic of l): then
-        every log-prob is computed first and the tiles are visited twice."""
+        """Whether a token's gradient depends on other tokens' current log-probs (a sequence statistic of l, or the
+        entropy quantile of the whole call): then every log-prob is computed first and the tiles are visited
+        twice."""
         return (self.importance_sampling == "sequence" or self.loss_type == "vespo"
-                or self.off_policy_mask_threshold is not None
+                or self.off_policy_mask_threshold is not None or self.top_entropy_quantile < 1
                 or (self.gen_correction.startswith("sequence") and not has_old))
 
     def fused_rows(self, has_old: bool) -> bool:
@@ -141,7 +154,7 @@ class GRPOLossConfig:
         given) or compute itself (token_truncate without a lower bound). Otherwise each tile is reduced to
         log-probs by the row kernels, the terms are formed on the [chunk] vectors, and the row kernels write the
         tile's gradient (the tile is read twice instead of once; the GEMM count is the same)."""
-        if self.objective != "clip" or self.use_bias_correction_kl:
+        if self.objective != "clip" or self.use_bias_correction_kl or self.entropy_coef != 0:
             return False
         return has_old or self.gen_correction == "off" or (self.gen_correction == "token_truncate"
                                                            and self.gen_correction_min is None)

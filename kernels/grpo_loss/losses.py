@@ -148,19 +148,29 @@ def seq_weights(seq_ids: torch.Tensor, num_seqs: int, num_active: int, cfg: GRPO
 # ---------------------------------------------------------------------------------------------- composition
 
 
+def entropy_mask(ent, quantile: float):
+    """TRL's entropy masking [n] bool: the tokens whose entropy is in the top ``quantile`` fraction of these tokens,
+    H_t >= torch.quantile(H, 1 - quantile)."""
+    if quantile >= 1 or ent.numel() == 0:
+        return torch.ones_like(ent, dtype=torch.bool)
+    return ent >= torch.quantile(ent.float(), 1 - quantile).to(ent.dtype)
+
+
 def policy_terms(l: torch.Tensor, *, old, ref, gen, ext, ext_seq, adv_seq, w_seq, seq_ids, cfg: GRPOLossConfig,
-                 isw: torch.Tensor | None = None, need_grad: bool = True):
+                 isw: torch.Tensor | None = None, ent: torch.Tensor | None = None, need_grad: bool = True):
     """Per-token loss terms of the active tokens and c = dJ/dl in closed form (the torch path of the drivers, and the
     twin of the one-row kernels' math).
 
     l, old, ref, gen, ext: [n] fp32 (old / ref / gen / ext may be None; ext: external importance weights per token,
     TRL's vllm_is_ratio); ext_seq: [S] the same weights when they came per sequence (vespo sums them once per
     sequence), else None; adv_seq, w_seq: [S] fp32 each sequence's advantage and aggregation weight; seq_ids [n];
-    isw: [n] generator weights already computed (when they do not depend on l), else None.
-    Returns ({j (weighted loss, sum = loss), kl, ratio}: [n], c [n] or None).
+    isw: [n] generator weights already computed (when they do not depend on l), else None; ent: [n] entropies
+    (needed by entropy_coef and top_entropy_quantile).
+    Returns ({j (weighted loss, sum = loss), kl, ratio}: [n], c = dJ/dl [n] or None, c_h = dJ/dH [n] or None).
 
-    J_t = w_t (g_t pg_t + beta rho_kl kl_t), g = keep_i * isw_t * ext_t (vespo: keep_i only), rho_kl = rho where
-    use_bias_correction_kl, else 1. With pg's derivatives (pg_r in r, pg_l in l directly):
+    J_t = w_t (g_t pg_t + beta rho_kl kl_t - coef e_t H_t), g = keep_i e_t isw_t ext_t (vespo: keep_i e_t), e_t the
+    entropy mask, rho_kl = rho where use_bias_correction_kl, else 1. With pg's derivatives (pg_r in r, pg_l in l
+    directly):
       token level:    dJ/dl_t = w_t g_t (pg_r + pg_l) + w_t beta (rho_kl' kl_t + rho_kl dkl_t/dl_t)
       sequence level: dJ/dl_t = (1 / n_i) sum_{t' in i} w_t' (g_t' pg_r,t' + beta rho_i kl_t' [bias-corrected])
                                 + w_t beta rho_kl dkl_t/dl_t
@@ -196,10 +206,14 @@ def policy_terms(l: torch.Tensor, *, old, ref, gen, ext, ext_seq, adv_seq, w_seq
         pg, pg_l = vespo_objective(l, adv, phi)
         pg_r = None
     g = torch.ones_like(l)
+    e = None
+    if cfg.top_entropy_quantile < 1:
+        e = entropy_mask(ent, cfg.top_entropy_quantile).to(l.dtype)
+        g = g * e
     if cfg.off_policy_mask_threshold is not None:
         sampling = gen if gen is not None else old_
-        g = off_policy_keep(l, sampling, seq_ids=seq_ids, num_seqs=num_seqs, adv_seq=adv_seq,
-                            threshold=cfg.off_policy_mask_threshold)[seq_ids]
+        g = g * off_policy_keep(l, sampling, seq_ids=seq_ids, num_seqs=num_seqs, adv_seq=adv_seq,
+                                threshold=cfg.off_policy_mask_threshold)[seq_ids]
     if obj != "vespo":
         if isw is not None:
             g = g * isw
@@ -211,10 +225,15 @@ def policy_terms(l: torch.Tensor, *, old, ref, gen, ext, ext_seq, adv_seq, w_seq
         if cfg.use_bias_correction_kl:
             kl_raw, kl, dkl = kl, rho * kl, rho * dkl
     zeros = torch.zeros_like(l)
-    terms = {"j": w * (g * pg + cfg.beta * (zeros if kl is None else kl)), "kl": zeros if kl is None else kl,
-             "ratio": rho}
+    c_h = None
+    if cfg.entropy_coef != 0:
+        c_h = -cfg.entropy_coef * w * (e if e is not None else 1.0)  # dJ/dH
+    j = w * (g * pg + cfg.beta * (zeros if kl is None else kl))
+    if c_h is not None:
+        j = j + c_h * ent
+    terms = {"j": j, "kl": zeros if kl is None else kl, "ratio": rho}
     if not need_grad:
-        return terms, None
+        return terms, None, None
     through_r = zeros if pg_r is None else w * g * pg_r  # what reaches l through r (the ratio)
     if kl is not None and cfg.use_bias_correction_kl:
         through_r = through_r + w * cfg.beta * rho * kl_raw  # d(rho kl)/dr = rho kl
@@ -225,4 +244,4 @@ def policy_terms(l: torch.Tensor, *, old, ref, gen, ext, ext_seq, adv_seq, w_seq
         c = c + w * g * pg_l
     if dkl is not None:
         c = c + w * cfg.beta * dkl
-    return terms, c
+    return terms, c, (None if c_h is None else c_h + zeros)

@@ -35,6 +35,9 @@ def grpo_loss_reference(hidden, weight, targets, seq_ids, advantages, loss_mask,
     per_seq_ext = is_weights is not None and is_weights.shape[0] == S and S != hidden.shape[0]
     m = loss_mask.bool() & (targets != IGNORE_INDEX)
     M = int(m.sum())
+    emask = torch.ones_like(m)  # TRL's entropy masking: the quantile over every covered token of the call
+    if cfg.top_entropy_quantile < 1 and M:
+        emask = ent.detach() >= torch.quantile(ent.detach()[m].float(), 1 - cfg.top_entropy_quantile).to(ent.dtype)
     loss = logp.sum() * 0
     toks = {"kl": [], "ratio": [], "adv": [], "ent": [], "diff": [], "low": [], "high": []}
     for i in range(S):
@@ -74,6 +77,7 @@ def grpo_loss_reference(hidden, weight, targets, seq_ids, advantages, loss_mask,
             drift = (sampling - l.detach()).nan_to_num(0.0).mean()
             if not (a >= 0 or drift <= cfg.off_policy_mask_threshold):
                 pg = pg * 0
+        pg = pg * emask[sel].to(l.dtype)
         if cfg.objective != "vespo":
             pg = pg if isw is None else pg * isw
             pg = pg if ext is None else pg * ext
@@ -82,7 +86,7 @@ def grpo_loss_reference(hidden, weight, targets, seq_ids, advantages, loss_mask,
             kl = kl_estimate(l, ref_logp[sel].to(l.dtype), cfg.kl_estimator)[0]
             if cfg.use_bias_correction_kl:
                 kl = kl * rho
-        per_tok = pg + cfg.beta * kl
+        per_tok = pg + cfg.beta * kl - cfg.entropy_coef * emask[sel].to(l.dtype) * ent[sel]
         agg = cfg.aggregation
         if agg == "seq_mean":
             loss = loss + per_tok.sum() / n / S

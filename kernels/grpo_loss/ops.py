@@ -16,7 +16,7 @@ from .passes import Active, one_pass, two_pass
 
 # the op's outputs; per-token ones are [N] fp32, 0 outside the loss, [0] when not computed
 GRPO_OUTPUTS = ("loss", "active", "logp", "ratio", "kl", "entropy", "adv_tok", "gen_diff", "grad_hidden",
-                "grad_weight", "grad_bias", "lse", "c")
+                "grad_weight", "grad_bias", "lse", "c", "c_h")
 
 
 def _grpo(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, seq_ids: torch.Tensor,
@@ -25,7 +25,7 @@ def _grpo(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, seq
           ext_per_seq: bool, num_global_tokens: float, inv_tau: float, scale: float, softcap: float, backend: str,
           need_h: bool, need_w: bool, need_b: bool, mdt: torch.dtype) -> list[torch.Tensor]:
     """The GRPO loss and its per-token values (``GRPO_OUTPUTS``); gradients for an upstream of 1 (fast / two-pass
-    modes), or what the low-memory backward needs (lse, c). ext: [N] per token, or [S] per sequence
+    modes), or what the low-memory backward needs (lse, c, and entropy with c_h = dJ/dH). ext: [N] per token, or [S] per sequence
     (``ext_per_seq``)."""
     cfg = GRPOLossConfig.from_key(cfg_key)
     N, H = hidden.shape
@@ -52,7 +52,7 @@ def _grpo(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, seq
     need_grad = need_h or need_w or need_b
     low_mem = cfg.memory_mode == "low_memory" and need_w
     chunk = cfg.chunk_size or chunk_rows(V, H, zdt, dev, accumulate_weight=need_w and not low_mem)
-    lse = c = None
+    lse = c = c_h = None
     with torch.autocast(dev.type, enabled=False):
         g_on = not low_mem
         tiles = Tiles(a.h, weight, mdt, zdt, need_h and g_on, need_w and g_on, hidden.dtype, bias=bias,
@@ -60,7 +60,7 @@ def _grpo(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, seq
         if not cfg.needs_sequence_pass(has_old=old is not None) and not low_mem:
             out = one_pass(a, tiles, cfg=cfg, xf=xf, backend=backend, chunk=chunk)
         else:
-            out, lse, c = two_pass(a, tiles, cfg=cfg, xf=xf, backend=backend, chunk=chunk, need_grad=need_grad,
+            out, lse, c, c_h = two_pass(a, tiles, cfg=cfg, xf=xf, backend=backend, chunk=chunk, need_grad=need_grad,
                                    recompute=not low_mem)
     loss = out.jt.sum() if n else torch.zeros((), dtype=torch.float32, device=dev)
 
@@ -79,7 +79,8 @@ def _grpo(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, seq
                 gen_diff=full(None if a.gen is None else (out.logp - a.gen).abs()),
                 grad_hidden=gh if gh is not None else e(0), grad_weight=gw if gw is not None else e(0),
                 grad_bias=gb if gb is not None else e(0), lse=full(lse if low_mem else None),
-                c=full(c.detach() if (low_mem and c is not None) else None))
+                c=full(c.detach() if (low_mem and c is not None) else None),
+                c_h=full(c_h.detach() if (low_mem and c_h is not None) else None))
     return [outs[k] for k in GRPO_OUTPUTS]
 
 
@@ -96,20 +97,21 @@ def _(hidden, weight, targets, seq_ids, advantages, loss_mask, old, ref, gen, ex
     f = lambda n: hidden.new_empty((n,), dtype=torch.float32)  # noqa: E731
     e = hidden.new_empty
     outs = dict(loss=hidden.new_empty((), dtype=torch.float32), active=hidden.new_empty((N,), dtype=torch.bool),
-                logp=f(N), ratio=f(N), kl=f(N), entropy=f(N if cfg.compute_entropy else 0), adv_tok=f(N),
+                logp=f(N), ratio=f(N), kl=f(N), entropy=f(N if cfg.needs_entropy else 0), adv_tok=f(N),
                 gen_diff=f(N if gen is not None else 0), grad_hidden=torch.empty_like(hidden) if need_h else e(0),
                 grad_weight=torch.empty_like(weight) if (need_w and not low_mem) else e(0),
                 grad_bias=torch.empty_like(bias) if (need_b and bias is not None and not low_mem) else e(0),
-                lse=f(N if low_mem else 0), c=f(N if low_mem else 0))
+                lse=f(N if low_mem else 0), c=f(N if low_mem else 0),
+                c_h=f(N if (low_mem and cfg.entropy_coef != 0) else 0))
     return [outs[k] for k in GRPO_OUTPUTS]
 
 
 @torch.library.custom_op("exgrpo::grpo_low_memory_backward", mutates_args=())
 def low_memory_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                            targets: torch.Tensor, active: torch.Tensor, lse: torch.Tensor, c: torch.Tensor,
-                           inv_tau: float, scale: float, softcap: float, mdt: torch.dtype, zdt: torch.dtype,
-                           backend: str, need_h: bool, need_w: bool,
-                           need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           ent: Optional[torch.Tensor], c_h: Optional[torch.Tensor], inv_tau: float, scale: float,
+                           softcap: float, mdt: torch.dtype, zdt: torch.dtype, backend: str, need_h: bool,
+                           need_w: bool, need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Walk vocabulary slabs: z = h W_s^T [n, Vs] -> dJ/dz in place -> grad-weight of the slab (full-K GEMM,
     one rounding) and grad-hidden accumulated in fp32 [n, H] (4th GEMM: the tiles are recomputed)."""
     N, H = hidden.shape
@@ -120,6 +122,8 @@ def low_memory_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
     xf = LogitTransform(inv_tau, scale, softcap or None)
     t = dense_1d(targets.index_select(0, idx), torch.int64)
     lse_a, c_a = lse.index_select(0, idx).contiguous(), c.index_select(0, idx).contiguous()
+    ent_a = None if c_h is None else ent.index_select(0, idx).contiguous()
+    ch_a = None if c_h is None else c_h.index_select(0, idx).contiguous()
     with torch.autocast(dev.type, enabled=False):
         w_mat = weight.to(mdt)
         hm = hidden.index_select(0, idx).to(mdt)
@@ -137,7 +141,7 @@ def low_memory_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
             if bz is not None:
                 z.add_(bz[v0:v1])
             g = z if z.dtype == mdt else torch.empty(z.shape, dtype=mdt, device=z.device)
-            chunk_grad_(z, t, lse_a, None, c_a, None, xf, backend, col0=v0, out=g)
+            chunk_grad_(z, t, lse_a, ent_a, c_a, ch_a, xf, backend, col0=v0, out=g)
             if need_w:
                 gw[v0:v1] = mm(g.t(), hm).to(weight.dtype)
             if gb is not None:
@@ -153,7 +157,8 @@ def low_memory_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
 
 
 @low_memory_backward_op.register_fake
-def _(hidden, weight, bias, targets, active, lse, c, inv_tau, scale, softcap, mdt, zdt, backend, need_h, need_w, need_b):
+def _(hidden, weight, bias, targets, active, lse, c, ent, c_h, inv_tau, scale, softcap, mdt, zdt, backend, need_h,
+      need_w, need_b):
     e = hidden.new_empty
     return (torch.empty_like(hidden) if need_h else e(0), torch.empty_like(weight) if need_w else e(0),
             torch.empty_like(bias) if (need_b and bias is not None) else e(0))
@@ -173,8 +178,10 @@ def _setup(ctx, inputs, output):
     ctx.low_mem = cfg.memory_mode == "low_memory" and x["need_w"]
     if ctx.low_mem:
         mdt = x["mdt"]
+        with_h = cfg.entropy_coef != 0
         ctx.save_for_backward(x["hidden"], x["weight"], x["bias"], x["targets"], o["active"].detach(),
-                              o["lse"].detach(), o["c"].detach())
+                              o["lse"].detach(), o["c"].detach(), o["entropy"].detach() if with_h else None,
+                              o["c_h"].detach() if with_h else None)
         ctx.lm_args = dict(inv_tau=x["inv_tau"], scale=x["scale"], softcap=x["softcap"], mdt=mdt,
                            zdt=torch.promote_types(mdt, torch.float32) if cfg.fp32_logits else mdt,
                            backend=x["backend"], need_h=x["need_h"], need_w=x["need_w"], need_b=x["need_b"])
@@ -184,9 +191,9 @@ def _backward(ctx, grads):
     grad_loss = grads[0]  # the op returns a list: its gradients come as one list
     need = dict(zip(GRPO_ARGS, ctx.needs_input_grad))
     if ctx.low_mem:
-        hidden, weight, bias, targets, active, lse, c = ctx.saved_tensors
+        hidden, weight, bias, targets, active, lse, c, ent, c_h = ctx.saved_tensors
         gh, gw, gb = low_memory_backward_op(hidden=hidden, weight=weight, bias=bias, targets=targets, active=active,
-                                            lse=lse, c=c, **ctx.lm_args)
+                                            lse=lse, c=c, ent=ent, c_h=c_h, **ctx.lm_args)
         gh, gw, gb = (_opt(x) for x in (gh, gw, gb))
     else:
         gh, gw, gb = (_opt(x) for x in ctx.grads)

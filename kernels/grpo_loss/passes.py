@@ -79,7 +79,7 @@ def one_pass(a: Active, tiles: Tiles, *, cfg: GRPOLossConfig, xf: LogitTransform
              chunk: int) -> TokenOut:
     """Token-level terms: tile -> loss terms -> gradient of the tile, while it is in memory (3 GEMMs)."""
     need_grad = tiles.any_grad
-    out = TokenOut.empty(a.n, a.h.device, cfg.compute_entropy)
+    out = TokenOut.empty(a.n, a.h.device, cfg.needs_entropy)
     fused = backend != "torch" and cfg.fused_rows(has_old=a.old is not None)
     # the one-row kernel takes precomputed generator weights through ext; without old_logp it forms token_truncate
     is_mode = 1 if (fused and a.isw is None and cfg.gen_correction != "off") else 0
@@ -97,11 +97,11 @@ def one_pass(a: Active, tiles: Tiles, *, cfg: GRPOLossConfig, xf: LogitTransform
             if need_grad and g is not z:
                 g.copy_(z)
         else:
-            lp, lse, en = chunk_stats(z, a.t[sl], xf, cfg.compute_entropy, backend)
-            terms, c = policy_terms(lp, cfg=cfg, need_grad=need_grad, **a.part(sl))
+            lp, lse, en = chunk_stats(z, a.t[sl], xf, cfg.needs_entropy, backend)
+            terms, c, c_h = policy_terms(lp, cfg=cfg, need_grad=need_grad, ent=en, **a.part(sl))
             out.write(sl, logp=lp, ratio=terms["ratio"], kl=terms["kl"], jt=terms["j"], ent=en)
             if need_grad:
-                chunk_grad_(z, a.t[sl], lse, None, c, None, xf, backend, out=g)
+                chunk_grad_(z, a.t[sl], lse, None if c_h is None else en, c, c_h, xf, backend, out=g)
         if need_grad:
             tiles.backprop(g, s, e, hc)
         del hc, z, g  # the next tile's GEMM must not find this one still alive (peak memory: one tile)
@@ -115,30 +115,32 @@ def _cut(x: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
 def two_pass(a: Active, tiles: Tiles, *, cfg: GRPOLossConfig, xf: LogitTransform, backend: str, chunk: int,
              need_grad: bool, recompute: bool):
     """Every log-prob first, the terms over all tokens, then (``recompute``) each tile to its gradient.
-    Returns (out, lse [n], c [n] or None)."""
+    Returns (out, lse [n], c = dJ/dl [n] or None, c_h = dJ/dH [n] or None)."""
     n = a.n
-    out = TokenOut.empty(n, a.h.device, cfg.compute_entropy)
+    out = TokenOut.empty(n, a.h.device, cfg.needs_entropy)
     lse = torch.full_like(out.logp, float("nan"))
     keep = need_grad and recompute and n <= chunk
     kept = None
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         hc, z, g = tiles.logits(s, e)
-        lp, ls, en = chunk_stats(z, a.t[s:e], xf, cfg.compute_entropy, backend)
+        lp, ls, en = chunk_stats(z, a.t[s:e], xf, cfg.needs_entropy, backend)
         if keep:
             kept = (hc, z, g)
         del hc, z, g
         out.logp[s:e], lse[s:e] = lp, ls
         if out.ent is not None:
             out.ent[s:e] = en
-    terms, c = policy_terms(out.logp, cfg=cfg, need_grad=need_grad, **a.part(slice(0, n)))
+    terms, c, c_h = policy_terms(out.logp, cfg=cfg, need_grad=need_grad, ent=out.ent, **a.part(slice(0, n)))
     out.ratio, out.kl, out.jt = terms["ratio"], terms["kl"], terms["j"]
     if need_grad and recompute:
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             hc, z, g = kept if kept is not None else tiles.logits(s, e)
             kept = None
-            chunk_grad_(z, a.t[s:e], lse[s:e], None, c[s:e].contiguous(), None, xf, backend, out=g)
+            ent_h = None if c_h is None else (out.ent[s:e].contiguous(), c_h[s:e].contiguous())
+            chunk_grad_(z, a.t[s:e], lse[s:e], None if ent_h is None else ent_h[0], c[s:e].contiguous(),
+                        None if ent_h is None else ent_h[1], xf, backend, out=g)
             tiles.backprop(g, s, e, hc)
             del hc, z, g
-    return out, lse, c
+    return out, lse, c, c_h

@@ -122,7 +122,7 @@ def token_rows_twin(z, t, sid, adv, w_seq, seq_isw, old, ref, gen, ext, inv_tau:
     cfg = GRPOLossConfig(eps_low=eps_low, eps_high=eps_high, delta=delta or None, beta=beta, gen_correction_cap=is_cap,
                          kl_estimator=f"k{kl_est}", gen_correction=IS_MODES[is_mode])
     lp, lse, en = chunk_stats(z, t, xf, with_entropy, "torch")
-    terms, c = policy_terms(lp, old=old, ref=ref, gen=gen, ext=ext, ext_seq=None, adv_seq=adv, w_seq=w_seq,
+    terms, c, _ = policy_terms(lp, old=old, ref=ref, gen=gen, ext=ext, ext_seq=None, adv_seq=adv, w_seq=w_seq,
                             seq_ids=sid, cfg=cfg, isw=None if is_mode != 2 else seq_isw[sid], need_grad=compute_grad)
     if compute_grad:
         chunk_grad_(z, t, lse, None, c, None, xf, "torch")

@@ -32,7 +32,7 @@ def free_port():
 
 class Server:
     def __init__(self, model_path, name="teacher", timeout=240, extra_args=(), extra_env=None):
-        self.port = free_port()
+        self.port, self.model_path = free_port(), model_path
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log = open(os.path.join(os.path.dirname(model_path), f"vllm-{self.port}.log"), "w")
         env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", **(extra_env or {}))
