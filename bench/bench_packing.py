@@ -196,10 +196,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/packing-latest")
     ap.add_argument("--train-tokens", type=int, default=None, help="tokens in the fwd+bwd batch")
+    ap.add_argument("--dialogues", type=int, default=4096, help="dialogues in the pack / unpack benchmark")
     a = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device)
-    doc = {"environment": env, "pack": bench_pack(device)}
+    doc = {"environment": env, "pack": bench_pack(device, a.dialogues)}
     print(json.dumps(doc["pack"], indent=1), flush=True)
     doc["train"] = bench_train(device, a.train_tokens or (16384 if device.type == "cuda" else 4096))
     print(json.dumps(doc["train"], indent=1), flush=True)

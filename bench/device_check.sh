@@ -53,7 +53,7 @@ if [ "$DRY" = 1 ]; then  # smoke sizes: the same commands, seconds each
   LOSS="--preset smoke --reps 1 --warmup 0 --skip compile"
   E2E="--preset smoke"
   SMOKE_MODEL="model.hidden_size=64 model.intermediate_size=128 model.num_layers=2"
-  NPROC=1; MAXNEW=8; TRAIN_TOKENS="--train-tokens 256"
+  NPROC=1; MAXNEW=8; TRAIN_TOKENS="--train-tokens 256 --dialogues 128"
 else
   TESTS=$(ls tests/test_*.py | grep -v -e test_vllm -e test_teacher_server -e test_bench_scripts | tr '\n' ' ')
   LOSS="--preset targets"

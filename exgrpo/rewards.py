@@ -68,26 +68,24 @@ def load_reward_fns(names, field_name: str = "rewards") -> list[RewardFn]:
 
 
 def outcome_rewards(fns: list[RewardFn], weights, prompts: list[str], completions: list[str], completion_ids,
-                    answers: list[str], answer_types: list[str], per_fn: dict | None = None) -> list[float]:
-    """sum_f w_f f(...) per trajectory; a reward function that raises, returns the wrong count or a non-number is a
-    one-line error naming it. per_fn (a dict): filled with "reward_fn/<name>" -> its unweighted rewards, for the
-    log."""
-    total = [0.0] * len(completions)
+                    answers: list[str], answer_types: list[str]) -> tuple[list[float], dict]:
+    """(sum_f w_f f(...) per trajectory, {"reward_fn/<name>": its unweighted rewards} for the log); a reward function
+    that raises, returns the wrong count or a non-number is a one-line error naming it."""
+    total, per_fn = [0.0] * len(completions), {}
     for f, w in zip(fns, weights or [1.0] * len(fns)):
         name = getattr(f, "__qualname__", repr(f))
         try:
             r = list(f(prompts, completions, completion_ids=completion_ids, answer=answers, answer_type=answer_types))
         except Exception as e:  # a user's function: report which one, and why
             raise ValueError(f"reward function {name} raised {type(e).__name__}: {e}") from e
-        if per_fn is not None:
-            per_fn[f"reward_fn/{name}"] = r
+        per_fn[f"reward_fn/{name}"] = r
         if len(r) != len(completions):
             raise ValueError(f"reward function {name} returned {len(r)} rewards for {len(completions)} completions")
         for i, v in enumerate(r):
             if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ValueError(f"reward function {name} returned {v!r} for completion {i} (a number is needed)")
             total[i] += float(w) * float(v)
-    return total
+    return total, per_fn
 
 
 # ================================================================================================ the DSU bonus
@@ -175,12 +173,12 @@ def score_rollouts(cfg: TrainConfig, prompts: list[Prompt], dialogues, dtok, rng
     with no probe before it: the evaluated condition), reward_after_probes (after at least one probe), the
     bonus's firing rate and its permutation baseline."""
     reward_fns = reward_fns if reward_fns is not None else load_reward_fns(cfg.rewards)
-    per_fn: dict = {}
     texts = [assistant_texts(dtok, d) for d in dialogues]
     correct = [[float(is_correct(t, a, at)) for t, (a, at) in zip(ts, p.answers)] for ts, p in zip(texts, prompts)]
-    total = outcome_rewards(reward_fns, cfg.reward_weights, [p.turns[-1] for p in prompts], [t[-1] for t in texts],
-                            [_last_turn_ids(d) for d in dialogues], [p.answers[-1][0] for p in prompts],
-                            [p.answers[-1][1] for p in prompts], per_fn) if prompts else []
+    total, per_fn = outcome_rewards(reward_fns, cfg.reward_weights, [p.turns[-1] for p in prompts],
+                                    [t[-1] for t in texts], [_last_turn_ids(d) for d in dialogues],
+                                    [p.answers[-1][0] for p in prompts],
+                                    [p.answers[-1][1] for p in prompts]) if prompts else ([], {})
     final = [c[-1] for c in correct]
     metrics: dict = {"reward": [], "reward_question": [], "reward_direct": [], "reward_after_probes": [],
                      "reward_probes": [x for c in correct for x in c[:-1]]}

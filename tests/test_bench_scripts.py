@@ -13,7 +13,7 @@ SCRIPTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "benc
 SMOKE = {  # script -> its smoke arguments (besides --out)
     "bench_e2e.py": ["--preset", "smoke"],
     "bench_grpo_loss.py": ["--preset", "smoke", "--reps", "1", "--warmup", "0", "--skip", "compile"],
-    "bench_packing.py": ["--train-tokens", "256"],
+    "bench_packing.py": ["--train-tokens", "256", "--dialogues", "128"],
     "bench_rollout.py": ["--trajectories", "2", "--max-new-tokens", "4"],
     "bench_train_step.py": ["--reps", "1"],
     "tune_rows.py": ["--smoke"],
@@ -29,6 +29,7 @@ def test_every_script_has_a_smoke_form():
     assert set(SCRIPTS) == set(SMOKE), "a new bench script needs its smoke arguments here"
 
 
+@pytest.mark.slow  # a process per script (~8 s of imports each): make test-slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help(script):
     r = _run([os.path.join("bench", script), "--help"], timeout=300)

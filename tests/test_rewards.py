@@ -38,12 +38,9 @@ def _dialogues(dtok, prompts, answers):
 def test_reward_functions_load_weight_and_fail_clearly():
     fns = load_reward_fns(("answer", "tests.test_rewards:length_bonus"))
     assert fns == [answer_reward, length_bonus]
-    r = outcome_rewards(fns, (1.0, 2.0), ["q", "q"], ["The answer is 3.", "no"], [[1], [2]], ["3", "3"],
-                        ["number", "number"])
+    r, per_fn = outcome_rewards(fns, (1.0, 2.0), ["q", "q"], ["The answer is 3.", "no"], [[1], [2]], ["3", "3"],
+                                ["number", "number"])
     assert r == pytest.approx([1.0 + 2 * 0.4, 0.2])
-    per_fn = {}
-    outcome_rewards(fns, (1.0, 2.0), ["q", "q"], ["The answer is 3.", "no"], [[1], [2]], ["3", "3"],
-                    ["number", "number"], per_fn)
     assert per_fn == {"reward_fn/answer_reward": [1.0, 0.0], "reward_fn/length_bonus": pytest.approx([0.4, 0.1])}
     with pytest.raises(ValueError, match=r"^reward function broken raised ZeroDivisionError: division by zero$"):
         outcome_rewards([broken], (), ["q"], ["a"], [[1]], ["1"], ["number"])

@@ -17,6 +17,8 @@ from exgrpo.model import PolicyHidden, build_student
 from exgrpo.vllm_backend import EngineConfig, EngineStartError, VLLMBackend
 from tests.utils import trainer_logprobs
 
+pytestmark = pytest.mark.slow  # a vLLM engine (or server) per module, minutes on 2 cores (make test-slow)
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 TINY = ModelConfig(hidden_size=128, intermediate_size=256, num_layers=2, head_dim=64)
 

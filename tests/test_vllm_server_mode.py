@@ -13,6 +13,8 @@ from exgrpo.vllm_backend import VLLMServerBackend
 from tests.scripts.vllm_server import Server
 from tests.utils import trainer_logprobs
 
+pytestmark = pytest.mark.slow  # a vLLM engine (or server) per module, minutes on 2 cores (make test-slow)
+
 TINY = ModelConfig(hidden_size=128, intermediate_size=256, num_layers=2, head_dim=64)
 
 
