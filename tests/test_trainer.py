@@ -111,7 +111,7 @@ def test_zero_advantages_skip_the_backward():
     assert all(torch.equal(pol0[n], p) for n, p in model.named_parameters())
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo"])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "sapo", "luspo", "cispo"])
 def test_trainer_loss_equals_the_kernel_reference_and_packing_does_not_change_it(loss_type):
     model, tok = build_student(TINY, seed=1)
     model = model.double()
@@ -136,9 +136,9 @@ def test_trainer_loss_equals_the_kernel_reference_and_packing_does_not_change_it
     ref, _ = grpo_loss_reference(torch.cat(hs), policy.lm_head_weight, torch.cat(tg), torch.cat(sid), b.advantages.double(),
                                  torch.cat(lm), lc, num_global_tokens=n_glob)
     assert torch.allclose(packed.double(), ref, rtol=1e-5, atol=1e-7)
-    if loss_type == "dapo":  # one sequence per micro-batch: the losses add up to the packed one
-        singles = sum(grpo_micro_loss(ctx, x, [i], lc, n_glob)[0] for i in range(5))
-        assert torch.allclose(singles, packed, rtol=1e-6)
+    # one sequence per micro-batch: the losses add up to the packed one (every aggregation, scaled by its share)
+    singles = sum(grpo_micro_loss(ctx, x, [i], lc, n_glob)[0] for i in range(5))
+    assert torch.allclose(singles, packed, rtol=1e-5, atol=1e-7), (float(singles), float(packed))
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run():
