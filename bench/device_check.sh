@@ -54,12 +54,14 @@ if [ "$DRY" = 1 ]; then  # smoke sizes: the same commands, seconds each
   E2E="--preset smoke"
   SMOKE_MODEL="model.hidden_size=64 model.intermediate_size=128 model.num_layers=2"
   NPROC=1; MAXNEW=8; TRAIN_TOKENS="--train-tokens 256 --dialogues 128"
+  RL_SIZE="steps=1 questions_per_step=2 G=2"  # the training step runs in the Triton interpreter: keep it small
 else
   TESTS=$(ls tests/test_*.py | grep -v -e test_vllm -e test_teacher_server -e test_bench_scripts | tr '\n' ' ')
   LOSS="--preset targets"
   E2E="--preset gpu"
   SMOKE_MODEL="model.preset=qwen2.5-0.5b"
   NPROC=1; MAXNEW=48; TRAIN_TOKENS=""
+  RL_SIZE="steps=3 questions_per_step=8 G=4"
 fi
 
 for part in $PARTS; do
@@ -87,7 +89,7 @@ for part in $PARTS; do
     $PY -m exgrpo ei limit=64 rules_per_example=2 out_dir="$S/ei" > "$S.ei.txt" 2>&1 || tail -n 20 "$S.ei.txt"
     $RUN sft data="$S/ei/d_ei.jsonl" $SMOKE_MODEL max_steps=4 batch_dialogues=32 optim.warmup_steps=0 \
       out_dir="$S/sft" progress=false 2>&1 | grep -v Warning | tail -n 3 | tee -a "$LOG"
-    $RUN train data="$S/ei/d_ei.jsonl" init="$S/sft/final" $SMOKE_MODEL steps=3 questions_per_step=8 G=4 k=2 \
+    $RUN train data="$S/ei/d_ei.jsonl" init="$S/sft/final" $SMOKE_MODEL $RL_SIZE k=2 \
       k_partial=1 backend=transformers sampling.max_new_tokens=$MAXNEW out_dir="$S/train" progress=false 2>&1 \
       | grep -v Warning | tail -n 3 | tee -a "$LOG"
     $RUN sft data="$S/ei/d_ei.jsonl" $SMOKE_MODEL max_steps=2 batch_dialogues=32 optim.warmup_steps=0 \

@@ -133,6 +133,9 @@ def train_steps(cfg: TrainConfig, resume: bool = False):
                            sampling_rounds=float(rnd + 1), trained_questions=distributed.all_sum(
                                sum(len(k[0]) for k in kept)))
         rewards.update({k: distributed.all_sum(v) / world for k, v in opd.items()})
+        if hasattr(backend, "connection_errors"):  # a generation server: its faults so far (retried)
+            rewards.update(server_connection_errors=float(backend.connection_errors),
+                           server_repushes=float(backend.restarts))
         rec = {"step": step, **upd.record(), **{k: v for k, v in rewards.items() if v is not None},
                "adv_abs_mean": global_mean(batch.advantages.abs().tolist()), "response_tokens": global_mean(resp),
                "tokens_per_s": n_tok / t_step, "time_step_s": t_step, **timer.record(),
@@ -178,7 +181,7 @@ def make_backend(cfg: TrainConfig, model, tok, dtok, fsdp_root=None) -> Generati
         return VLLMBackend.from_model(model, tok, dtok.eot, EngineConfig(seed=cfg.seed, sleep_level=cfg.vllm_sleep_level))
     if backend == GenBackend.VLLM_SERVER:
         from exgrpo.vllm_backend import VLLMServerBackend
-        be = VLLMServerBackend(cfg.server_url, cfg.server_model, tok, dtok.eot)
+        be = VLLMServerBackend(cfg.server_url, cfg.server_model, tok, dtok.eot, api_key_env=cfg.server_api_key_env)
         be.sync_weights(model)  # the server starts from the policy's weights
         return be
     dev = next(model.parameters()).device

@@ -15,6 +15,7 @@ import gc
 import os
 import shutil
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -196,31 +197,73 @@ class VLLMServerBackend(GenerationBackend):
     """Generation from a separate ``vllm serve`` (another GPU or node) through its OpenAI-compatible API with
     token ids in and out; the trainer pushes weights after every step.
 
-    Start the server with ``--logprobs-mode processed_logprobs`` (log-probs that match the trainer's) and, for
-    the weight push, ``VLLM_SERVER_DEV_MODE=1`` (its ``/collective_rpc`` route). The push writes the weights
-    as safetensors under ``weights_dir`` (shared memory by default; a path both sides can read) and asks every
-    worker to ``reload_weights`` from there.
+    Start the server with ``--logprobs-mode processed_logprobs`` (log-probs that match the trainer's), ``--api-key``
+    (the client sends it from ``$VLLM_API_KEY``, or the variable ``api_key_env`` names; never logged) and, for the
+    weight push, ``VLLM_SERVER_DEV_MODE=1``, whose ``/collective_rpc`` route runs any worker method a caller names:
+    bind the server to a private address (``--host``) on a trusted network. The push writes the weights as
+    safetensors under ``weights_dir`` (shared memory by default; a path both sides can read) and asks every worker
+    to ``reload_weights`` from there.
+
+    Faults: connection errors and 5xx answers are retried with exponential backoff (capped at 10 s) for up to
+    ``retry_s`` seconds; a 4xx is a one-line error at once (401: the key). A lost connection may mean a restarted
+    server, which holds its original weights again: the next generation first re-pushes the last pushed weights, and
+    a generation call during which the connection was lost is redone whole after the re-push, so a step's rollouts
+    never mix weight versions (``restarts`` counts the re-pushes).
     """
 
     name = "vllm-server"
 
     def __init__(self, base_url: str, model: str, tokenizer, eot_ids, *, weights_dir: str | None = None,
-                 max_concurrency: int = 32, timeout_s: float = 600.0):
+                 max_concurrency: int = 32, timeout_s: float = 600.0, api_key_env: str = "VLLM_API_KEY",
+                 retry_s: float = 300.0):
         import httpx  # the server client's HTTP library, needed only in server mode
         self.base = base_url.rstrip("/").removesuffix("/v1")
         self.model, self.tok, self.eot = model, tokenizer, sorted(set(eot_ids))
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
         self.weights_dir = weights_dir or tempfile.mkdtemp(prefix="exgrpo-weights-", dir=shm)
-        self.max_concurrency = max_concurrency
-        self.http = httpx.Client(timeout=timeout_s)
+        self.max_concurrency, self.retry_s, self.api_key_env = max_concurrency, retry_s, api_key_env
+        key = os.environ.get(api_key_env, "")
+        self.http = httpx.Client(timeout=timeout_s, headers={"Authorization": f"Bearer {key}"} if key else {})
+        self._pushed = None  # the model last pushed: re-pushed after a lost connection
+        self._lost = False  # the connection was lost since the last push (the server may have restarted)
+        self.restarts = self.connection_errors = 0  # re-pushes after a lost connection; failed requests
 
-    def _post(self, path, body):
-        r = self.http.post(self.base + path, json=body)
-        if r.status_code != 200:
-            raise RuntimeError(f"vLLM server {self.base}{path}: HTTP {r.status_code}: {r.text[:300]}")
-        return r.json() if r.content else None
+    def _post(self, path, body=None, ok=(200,)):
+        import httpx
+        deadline, wait, err = time.monotonic() + self.retry_s, 0.5, ""
+        while True:
+            try:
+                r = self.http.post(self.base + path, json=body)
+            except httpx.TransportError as e:  # refused, reset, timed out: the server may be restarting
+                self._lost, err = True, f"{type(e).__name__}: {e}"
+                self.connection_errors += 1
+            else:
+                if r.status_code in ok:
+                    return r.json() if (r.status_code == 200 and r.content) else None
+                if r.status_code == 401:
+                    raise RuntimeError(f"vLLM server {self.base}{path}: HTTP 401 (the server was started with "
+                                       f"--api-key): set ${self.api_key_env} to its key")
+                if r.status_code < 500:
+                    raise RuntimeError(f"vLLM server {self.base}{path}: HTTP {r.status_code}: {r.text[:300]}")
+                err = f"HTTP {r.status_code}: {r.text[:200]}"
+            if time.monotonic() + wait > deadline:
+                raise RuntimeError(f"vLLM server {self.base}{path}: no answer for {self.retry_s:.0f} s ({err})")
+            time.sleep(wait)
+            wait = min(2 * wait, 10.0)
 
     def generate(self, prompts, sc: SamplingConfig, greedy: bool = False, generator_seed: int | None = None):
+        for _ in range(4):
+            if self._lost:  # a restarted server has its original weights: the current ones first
+                self._lost = False
+                if self._pushed is not None:
+                    self.restarts += 1
+                    self._push(self._pushed)
+            out = self._generate(prompts, sc, greedy, generator_seed)
+            if not self._lost:
+                return out
+        raise RuntimeError(f"vLLM server {self.base}: the connection was lost during 4 generation attempts")
+
+    def _generate(self, prompts, sc: SamplingConfig, greedy: bool, generator_seed: int | None):
         base = 0 if generator_seed is None else generator_seed
 
         def one(i):
@@ -236,14 +279,17 @@ class VLLMServerBackend(GenerationBackend):
             return list(ex.map(one, range(len(prompts))))
 
     def sync_weights(self, model) -> None:
+        self._lost = False
+        self._push(model)
+        self._pushed = model
+
+    def _push(self, model) -> None:
         sd = {k: v.contiguous().cpu() for k, v in _merged_state(model)}
         tmp = os.path.join(self.weights_dir, "model.safetensors.tmp")
         save_file(sd, tmp)
         os.replace(tmp, os.path.join(self.weights_dir, "model.safetensors"))
         self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": self.weights_dir}})
-        r = self.http.post(self.base + "/reset_prefix_cache")  # KV blocks cached under the old weights are stale
-        if r.status_code not in (200, 404):
-            raise RuntimeError(f"vLLM server {self.base}/reset_prefix_cache: HTTP {r.status_code}: {r.text[:300]}")
+        self._post("/reset_prefix_cache", ok=(200, 404))  # KV blocks cached under the old weights are stale
 
     def close(self) -> None:
         self.http.close()

@@ -83,7 +83,7 @@ def test_opd_teacher_server_log_probs_equal_the_local_model_and_a_run_trains(ser
     seqs = [(torch.tensor(tok.encode(t)), torch.ones(len(tok.encode(t)), dtype=torch.bool))
             for t in ("12+30=42", "the answer is 7", "x")]
     local = LocalTeacher(server.model_path, tok, "cpu")
-    ctx = step_context(TrainConfig(), local.model, "cpu")
+    ctx = step_context(TrainConfig(), local.model, torch.device("cpu"))
     want = local.logprobs(ctx, seqs)
     got = ServerTeacher(server.url, "teacher").logprobs(ctx, seqs)
     for g, w in zip(got, want):

@@ -271,6 +271,7 @@ class TrainConfig:
     backend: str = "auto"  # generation: auto (vllm where installed, else transformers) | transformers | vllm | vllm-server
     server_url: str = "http://127.0.0.1:8000/v1"  # vllm-server: the server (VLLM_SERVER_DEV_MODE=1,
     server_model: str = "student"  #                 --logprobs-mode processed_logprobs) and its served model name
+    server_api_key_env: str = "VLLM_API_KEY"  # vllm-server: the environment variable holding the server's --api-key
     save_every: int = 0  # steps between checkpoints; 0: at the end only
     eval_every: int = 0  # steps between greedy evaluations on eval_data (0: none); logged as eval_accuracy
     eval_data: str = ""  # arithmetic:N:SEED[:OPS] (built-in held-in test questions) or a JSONL of examples

@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 
@@ -32,16 +33,27 @@ def free_port():
 
 class Server:
     def __init__(self, model_path, name="teacher", timeout=240, extra_args=(), extra_env=None):
-        self.port, self.model_path = free_port(), model_path
+        self.port, self.model_path, self.timeout = free_port(), model_path, timeout
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log = open(os.path.join(os.path.dirname(model_path), f"vllm-{self.port}.log"), "w")
-        env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", **(extra_env or {}))
-        env.pop("TRITON_INTERPRET", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path, "--served-model-name",
-             name, "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", "1024",
-             "--gpu-memory-utilization", "0.2", "--dtype", "float32", *extra_args],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", **(extra_env or {}))
+        self.env.pop("TRITON_INTERPRET", None)
+        self.args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
+                     "--served-model-name", name, "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len",
+                     "1024", "--gpu-memory-utilization", "0.2", "--dtype", "float32", *extra_args]
+        self._start()
+
+    def restart(self):
+        """Kill the server and start it again on the same port (it comes back with its original weights)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait()
+        self._start()
+
+    def _start(self):
+        timeout = self.timeout
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -49,6 +61,10 @@ class Server:
             try:
                 urllib.request.urlopen(f"{self.url}/models", timeout=2)
                 return
+            except urllib.error.HTTPError as e:
+                if e.code == 401:  # up, and wants its --api-key
+                    return
+                time.sleep(1)
             except OSError:
                 time.sleep(1)
         self.kill()
