@@ -180,8 +180,9 @@ def make_backend(cfg: TrainConfig, model, tok, dtok, fsdp_root=None) -> Generati
         from exgrpo.vllm_backend import EngineConfig, VLLMBackend
         return VLLMBackend.from_model(model, tok, dtok.eot, EngineConfig(seed=cfg.seed, sleep_level=cfg.vllm_sleep_level))
     if backend == GenBackend.VLLM_SERVER:
-        from exgrpo.vllm_backend import VLLMServerBackend
-        be = VLLMServerBackend(cfg.server_url, cfg.server_model, tok, dtok.eot, api_key_env=cfg.server_api_key_env)
+        from exgrpo.vllm_backend import ServerOptions, VLLMServerBackend
+        be = VLLMServerBackend(cfg.server_url, cfg.server_model, tok, dtok.eot,
+                               ServerOptions(api_key_env=cfg.server_api_key_env))
         be.sync_weights(model)  # the server starts from the policy's weights
         return be
     dev = next(model.parameters()).device

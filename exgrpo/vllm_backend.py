@@ -62,6 +62,17 @@ class EngineConfig:
     sleep_level: int = 2  # 1: offload weights, free the KV cache; 2: free both (weights reloaded)
 
 
+@dataclass(frozen=True)
+class ServerOptions:
+    """A ``vllm serve`` client's options."""
+
+    weights_dir: str | None = None  # where pushed weights are written (None: a fresh folder in /dev/shm)
+    max_concurrency: int = 32  # requests in flight
+    timeout_s: float = 600.0  # per request
+    api_key_env: str = "VLLM_API_KEY"  # the environment variable holding the server's --api-key
+    retry_s: float = 300.0  # how long connection errors and 5xx answers are retried
+
+
 class VLLMBackend(GenerationBackend):
     name = "vllm"
 
@@ -198,14 +209,14 @@ class VLLMServerBackend(GenerationBackend):
     token ids in and out; the trainer pushes weights after every step.
 
     Start the server with ``--logprobs-mode processed_logprobs`` (log-probs that match the trainer's), ``--api-key``
-    (the client sends it from ``$VLLM_API_KEY``, or the variable ``api_key_env`` names; never logged) and, for the
+    (the client sends it from ``$VLLM_API_KEY``, or the variable ``ServerOptions.api_key_env`` names; never logged) and, for the
     weight push, ``VLLM_SERVER_DEV_MODE=1``, whose ``/collective_rpc`` route runs any worker method a caller names:
     bind the server to a private address (``--host``) on a trusted network. The push writes the weights as
     safetensors under ``weights_dir`` (shared memory by default; a path both sides can read) and asks every worker
     to ``reload_weights`` from there.
 
     Faults: connection errors and 5xx answers are retried with exponential backoff (capped at 10 s) for up to
-    ``retry_s`` seconds; a 4xx is a one-line error at once (401: the key). A lost connection may mean a restarted
+    ``ServerOptions.retry_s`` seconds; a 4xx is a one-line error at once (401: the key). A lost connection may mean a restarted
     server, which holds its original weights again: the next generation first re-pushes the last pushed weights, and
     a generation call during which the connection was lost is redone whole after the re-push, so a step's rollouts
     never mix weight versions (``restarts`` counts the re-pushes).
@@ -213,17 +224,16 @@ class VLLMServerBackend(GenerationBackend):
 
     name = "vllm-server"
 
-    def __init__(self, base_url: str, model: str, tokenizer, eot_ids, *, weights_dir: str | None = None,
-                 max_concurrency: int = 32, timeout_s: float = 600.0, api_key_env: str = "VLLM_API_KEY",
-                 retry_s: float = 300.0):
+    def __init__(self, base_url: str, model: str, tokenizer, eot_ids, options: ServerOptions | None = None):
         import httpx  # the server client's HTTP library, needed only in server mode
+        o = options or ServerOptions()
         self.base = base_url.rstrip("/").removesuffix("/v1")
         self.model, self.tok, self.eot = model, tokenizer, sorted(set(eot_ids))
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        self.weights_dir = weights_dir or tempfile.mkdtemp(prefix="exgrpo-weights-", dir=shm)
-        self.max_concurrency, self.retry_s, self.api_key_env = max_concurrency, retry_s, api_key_env
-        key = os.environ.get(api_key_env, "")
-        self.http = httpx.Client(timeout=timeout_s, headers={"Authorization": f"Bearer {key}"} if key else {})
+        self.weights_dir = o.weights_dir or tempfile.mkdtemp(prefix="exgrpo-weights-", dir=shm)
+        self.max_concurrency, self.retry_s, self.api_key_env = o.max_concurrency, o.retry_s, o.api_key_env
+        key = os.environ.get(o.api_key_env, "")
+        self.http = httpx.Client(timeout=o.timeout_s, headers={"Authorization": f"Bearer {key}"} if key else {})
         self._pushed = None  # the model last pushed: re-pushed after a lost connection
         self._lost = False  # the connection was lost since the last push (the server may have restarted)
         self.restarts = self.connection_errors = 0  # re-pushes after a lost connection; failed requests
