@@ -74,7 +74,10 @@ def train_steps(cfg: TrainConfig, resume: bool = False):
         timer = ctx.timer = PhaseTimer(device)
         # ---- 1. questions of this step (deterministic in the step: resume replays it exactly); dynamic sampling
         #         (filter_groups=resample) takes the next ones of the same order, round after round
-        order = random.Random(f"{cfg.seed}-{step}").sample(range(len(questions)), len(questions))
+        rng = random.Random(f"{cfg.seed}-{step}")
+        order = rng.sample(range(len(questions)), min(cfg.questions_per_step, len(questions)))
+        if cfg.filter_groups == "resample":  # the rest, in a fixed order after the step's own questions
+            order += rng.sample(sorted(set(range(len(questions))) - set(order)), len(questions) - len(order))
         share = len(order[:cfg.questions_per_step][rank::world])  # this rank's questions in the step
         kept, n_zero, n_seen = [], 0, 0
         for rnd in range(cfg.filter_max_rounds if cfg.filter_groups == "resample" else 1):

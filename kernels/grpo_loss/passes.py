@@ -45,9 +45,9 @@ class Active:
 
     def part(self, sl: slice) -> dict:
         """The per-token inputs of ``policy_terms`` for the tokens ``sl``."""
-        cut = lambda x: None if x is None else x[sl]  # noqa: E731
-        return dict(old=cut(self.old), ref=cut(self.ref), gen=cut(self.gen), ext=cut(self.ext), ext_seq=self.ext_seq,
-                    adv_seq=self.adv, w_seq=self.w_seq, seq_ids=self.sid[sl], isw=cut(self.isw))
+        return dict(old=_cut(self.old, sl), ref=_cut(self.ref, sl), gen=_cut(self.gen, sl), ext=_cut(self.ext, sl),
+                    ext_seq=self.ext_seq, adv_seq=self.adv, w_seq=self.w_seq, seq_ids=self.sid[sl],
+                    isw=_cut(self.isw, sl))
 
 
 @dataclass
@@ -89,7 +89,7 @@ def one_pass(a: Active, tiles: Tiles, *, cfg: GRPOLossConfig, xf: LogitTransform
         sl = slice(s, e)
         hc, z, g = tiles.logits(s, e)
         if fused:
-            ext = _mul(None if a.ext is None else a.ext[sl], None if a.isw is None else a.isw[sl])
+            ext = _mul(_cut(a.ext, sl), _cut(a.isw, sl))
             lp, rho, kl, en, jt = rows(z, a.t[sl], a.sid[sl], a.adv, a.w_seq, None, _cut(a.old, sl), _cut(a.ref, sl),
                                        _cut(a.gen, sl), ext, *xf.args, **policy_args(cfg, is_mode),
                                        with_entropy=cfg.compute_entropy, compute_grad=need_grad)
