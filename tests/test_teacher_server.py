@@ -61,11 +61,14 @@ def test_server_killed_mid_run_gives_a_clear_error_not_a_hang(server):
     killer = threading.Timer(1.5, server.kill)
     killer.start()
     t0 = time.time()
-    with pytest.raises(TeacherError, match=r"failed after 3 tries"):  # long answers: the kill lands mid-run
-        c.chat_many([[{"role": "user", "content": f"tell me a long story {i}"}] for i in range(200)],
-                    extra_body={"min_tokens": 400, "ignore_eos": True})
-    assert time.time() - t0 < 60
-    killer.join()
+    try:
+        with pytest.raises(TeacherError, match=r"failed after 3 tries"):  # long answers: the kill lands mid-run
+            c.chat_many([[{"role": "user", "content": f"tell me a long story {i}"}] for i in range(200)],
+                        extra_body={"min_tokens": 400, "ignore_eos": True})
+        assert time.time() - t0 < 60
+    finally:
+        killer.join()
+        server.restart()  # the module's other tests (in any order) get a live server
 
 
 def test_opd_teacher_server_log_probs_equal_the_local_model_and_a_run_trains(server, tmp_path, tmp_path_factory):

@@ -52,6 +52,8 @@ class Server:
 
     def _start(self):
         timeout = self.timeout
+        if self.log.closed:  # started again after kill()
+            self.log = open(self.log.name, "a")
         self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True)
         deadline = time.time() + timeout
