@@ -15,7 +15,8 @@
 #      [330 s cap]
 #   d  training smoke under torchrun (NCCL + gloo): exgrpo ei -> sft (4 steps) -> train (3 steps) on a random-init
 #      Qwen2.5-0.5B-shaped student, with `exgrpo plan`'s prediction beside torch.cuda.max_memory_allocated for both;
-#      FSDP2 on one rank over NCCL (2 steps); the packing benchmark  [330 s cap]
+#      FSDP2 on one rank over NCCL (2 steps); SFT with gradient checkpointing + activation offloading (2 steps, its
+#      plan beside it); the packing benchmark  [330 s cap]
 #   t  row-kernel launch sweep (BLOCK_V x warps) and tile heights (bench/tune_rows.py)  [200 s cap]
 #
 # DRY_RUN=1 runs every part on the CPU at smoke sizes (Triton interpreter, tiny models): CI does (tests/
@@ -94,14 +95,20 @@ for part in $PARTS; do
       | grep -v Warning | tail -n 3 | tee -a "$LOG"
     $RUN sft data="$S/ei/d_ei.jsonl" $SMOKE_MODEL max_steps=2 batch_dialogues=32 optim.warmup_steps=0 \
       parallel=fsdp2 out_dir="$S/fsdp2" progress=false 2>&1 | grep -v Warning | tail -n 3 | tee -a "$LOG"
+    OFF="model.gradient_checkpointing=true model.activation_offload=true"
+    timeout 120 $PY -m exgrpo sft data="$S/ei/d_ei.jsonl" $SMOKE_MODEL $OFF max_steps=2 batch_dialogues=32 \
+      optim.warmup_steps=0 out_dir="$S/sft_offload" progress=false 2>&1 | grep -v Warning | tail -n 3 | tee -a "$LOG"
     $PY -m exgrpo plan $SMOKE_MODEL parallel=ddp world_size=1 beta=0.04 vllm_gpu_memory_utilization=0 \
       > "$S/plan.txt" 2>&1; tail -n 4 "$S/plan.txt" | tee -a "$LOG"
+    $PY -m exgrpo plan $SMOKE_MODEL $OFF parallel=ddp world_size=1 beta=0 vllm_gpu_memory_utilization=0 \
+      > "$S/plan_offload.txt" 2>&1; tail -n 5 "$S/plan_offload.txt" | tee -a "$LOG"
+    cp "$S/plan_offload.txt" "$OUT/smoke_plan_offload.txt"
     $PY - "$S" <<'EOF' 2>&1 | tee "$OUT/smoke_summary.txt" | tee -a "$LOG"
 import json, sys
-for name in ("sft", "train", "fsdp2"):
+for name in ("sft", "train", "fsdp2", "sft_offload"):
     rows = [json.loads(x) for x in open(f"{sys.argv[1]}/{name}/metrics.jsonl")]
     keys = ("step", "loss", "tokens_per_s", "peak_mem_gib", "time_step_s", "time_gen_s", "time_policy_s",
-            "gen_logp_abs_diff_mean", "kl")
+            "gen_logp_abs_diff_mean", "kl", "offload_tensors", "offload_host_gib")
     for r in rows:
         print(name, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k in keys})
 EOF

@@ -28,7 +28,7 @@ from exgrpo.optim import NonFiniteGuard, make_optimizer, optimizer_step
 from exgrpo.rewards import load_reward_fns, score_rollouts
 from exgrpo.rollouts import (build_prompts, informative_questions, keep_questions, rollout_batch,
                              sample_records, scenarios)
-from exgrpo.steps import autocast_dtype, grpo_update, step_context
+from exgrpo.steps import autocast_dtype, grpo_update, offload_record, step_context
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
@@ -142,7 +142,7 @@ def train_steps(cfg: TrainConfig, resume: bool = False):
         rec = {"step": step, **upd.record(), **{k: v for k, v in rewards.items() if v is not None},
                "adv_abs_mean": global_mean(batch.advantages.abs().tolist()), "response_tokens": global_mean(resp),
                "tokens_per_s": n_tok / t_step, "time_step_s": t_step, **timer.record(),
-               "lr": sched.get_last_lr()[0], "peak_mem_gib": peak_memory_gib(device)}
+               "lr": sched.get_last_lr()[0], "peak_mem_gib": peak_memory_gib(device), **offload_record(ctx)}
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             with timer("eval"):
                 rec.update(_evaluation(model, tok, held_out, cfg, backend))

@@ -15,7 +15,9 @@ parallel layout and world size, the micro-batch, the loss's memory mode and the 
   per norm in the weights' dtype, or under bf16 autocast of fp32 weights one bf16 cast per projection (5 x 2 H);
   attention keeps q, k, v, its output and the output's reshaped copy ((3 q + 2 kv) x b, b = 2 under bf16, 4 in
   fp32; flash-attn, torch varlen and the CPU's per-sequence SDPA never materialise [len x len]); the MLP keeps
-  4 I x b. With gradient checkpointing only each layer's input (4 H) plus one layer recomputed. Under bf16 autocast
+  4 I x b. With gradient checkpointing only each layer's input (4 H) plus one layer recomputed. Activation offload
+  (model.activation_offload) keeps what the layers save in host memory (reported apart) and one layer's worth on
+  the device (with checkpointing: one layer input besides the recomputed layer). Under bf16 autocast
   of fp32 weights, every layer's bf16 weight copies stay alive until the backward (2 B/param, whole layers even
   under FSDP2, which gathers them first; one layer with checkpointing; none when FSDP2 gathers in bf16).
 - the fused loss: one [chunk, V] logits tile, the fp32 grad-weight accumulator in fast mode when the head trains,
@@ -94,8 +96,11 @@ def shape_of(mc: ModelConfig, vocab: int | None = None) -> Shape:
                  mc.tie_embeddings)
 
 
-def activation_bytes_per_token(s: Shape, b: int, base_b: int, checkpointing: bool) -> float:
-    """Bytes a micro-batch's tokens keep for the backward, summed over layers (see the module docstring).
+def activation_bytes_per_token(s: Shape, b: int, base_b: int, checkpointing: bool,
+                               offload: bool = False) -> tuple[float, float]:
+    """(device, host) bytes a micro-batch's tokens keep for the backward, summed over layers (see the module
+    docstring). Offloaded: what the layers save goes to host memory as it is saved, and one layer's worth is on
+    the device at a time (the one computed or brought back); with checkpointing that is each layer's input.
 
     b: bytes of the compute dtype (2: bf16 autocast or bf16 weights, 4: fp32); base_b: bytes of the weights."""
     q = s.heads * s.head_dim
@@ -103,9 +108,10 @@ def activation_bytes_per_token(s: Shape, b: int, base_b: int, checkpointing: boo
     proj_inputs = 5 * 2 * s.hidden if autocast_casts else 2 * base_b * s.hidden
     layer = 2 * 8 * s.hidden + proj_inputs + b * (3 * q + 2 * s.kv) + 4 * b * s.intermediate
     final = 8 * s.hidden + (2 * s.hidden if autocast_casts else 0)  # the final norm; the loss's bf16 input
-    if checkpointing:
-        return s.layers * 4 * s.hidden + layer + final
-    return s.layers * layer + final
+    saved = s.layers * 4 * s.hidden if checkpointing else s.layers * layer  # kept across the whole forward
+    if offload:  # the final norm's saved tensors travel too; on the device one layer's worth at a time
+        return (4 * s.hidden if checkpointing else 0) + layer, saved + final
+    return saved + (layer if checkpointing else 0) + final, 0.0
 
 
 def plan(cfg: PlanConfig, vocab: int | None = None) -> dict:
@@ -136,10 +142,14 @@ def plan(cfg: PlanConfig, vocab: int | None = None) -> dict:
         t["FSDP2 gathered layers (current + prefetched)"] = (2 * s.layer_params() + s.vocab * s.hidden) * gather_b
     if cfg.beta > 0 and not lora:
         t["reference policy"] = P * b / W
-    t["activations"] = cfg.micro_batch_tokens * activation_bytes_per_token(s, b, base_b,
-                                                                           cfg.model.gradient_checkpointing)
+    offload = cfg.model.activation_offload
+    act, host = activation_bytes_per_token(s, b, base_b, cfg.model.gradient_checkpointing, offload)
+    t["activations"] = cfg.micro_batch_tokens * act
+    host_offload = cfg.micro_batch_tokens * host
     if b == 2 and gather_b == 4 and not lora:  # autocast's bf16 copies of the (gathered) layers, saved for the backward
-        saved_layers = 1 if cfg.model.gradient_checkpointing else s.layers
+        saved_layers = 1 if cfg.model.gradient_checkpointing or offload else s.layers
+        if offload and not cfg.model.gradient_checkpointing:
+            host_offload += (s.layers - 1) * s.layer_params() * 2  # saved tensors too: they travel
         t["bf16 weight copies (autocast)"] = saved_layers * s.layer_params() * 2
     if cfg.attention == "math":  # [heads, len, len] probabilities saved per sequence and layer
         per_layer = (cfg.micro_batch_tokens // max(1, cfg.seq_len)) * s.heads * cfg.seq_len ** 2 * b
@@ -171,7 +181,7 @@ def plan(cfg: PlanConfig, vocab: int | None = None) -> dict:
     gib = {k: v / GIB for k, v in t.items()}
     return {"params": P, "per_gpu_gib": gib, "vllm_training_phase_gib": vllm_train / GIB,
             "vllm_generation_phase_gib": vllm_gen / GIB, "training_phase_gib": train_total / GIB,
-            "generation_phase_gib": gen_total / GIB, "card_gib": card / GIB,
+            "generation_phase_gib": gen_total / GIB, "card_gib": card / GIB, "host_offload_gib": host_offload / GIB,
             "fits": train_total <= card and gen_total <= card}
 
 
@@ -181,12 +191,15 @@ def render(cfg: PlanConfig, p: dict) -> str:
     lines = [f"{name}: {p['params'] / 1e9:.2f} B parameters; {cfg.parallel} on {cfg.world_size} GPU(s), "
              f"{'LoRA r=' + str(mc.lora_rank) if mc.lora_rank else 'full fine-tune'}, {cfg.precision}, "
              f"{cfg.micro_batch_tokens} tokens per micro-batch, loss {cfg.memory_mode}"
-             f"{', gradient checkpointing' if mc.gradient_checkpointing else ''}", ""]
+             f"{', gradient checkpointing' if mc.gradient_checkpointing else ''}"
+             f"{', activation offload' if mc.activation_offload else ''}", ""]
     for k, v in p["per_gpu_gib"].items():
         lines.append(f"  {k:52s} {v:8.2f} GiB")
     lines.append(f"  {'vLLM (asleep during training / generating)':52s} {p['vllm_training_phase_gib']:8.2f} / "
                  f"{p['vllm_generation_phase_gib']:.2f} GiB")
     lines.append(f"  {'training phase':52s} {p['training_phase_gib']:8.2f} GiB")
+    if mc.activation_offload:
+        lines.append(f"  {'  + host memory (offloaded activations)':52s} {p['host_offload_gib']:8.2f} GiB")
     lines.append(f"  {'generation phase':52s} {p['generation_phase_gib']:8.2f} GiB")
     verdict = "fits" if p["fits"] else "does NOT fit"
     lines.append(f"  -> {verdict} a {p['card_gib']:.0f} GiB card ({cfg.card})")

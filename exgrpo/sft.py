@@ -20,7 +20,7 @@ from exgrpo.io import read_jsonl
 from exgrpo.metrics import MetricsLog, peak_memory_gib
 from exgrpo.model import PolicyHidden, load_policy
 from exgrpo.optim import NonFiniteGuard, make_optimizer, optimizer_step
-from exgrpo.steps import sft_backward, step_context
+from exgrpo.steps import offload_record, sft_backward, step_context
 
 
 def sft(cfg: SFTConfig, resume: bool = False) -> dict:
@@ -59,7 +59,7 @@ def sft(cfg: SFTConfig, resume: bool = False) -> dict:
         n_global = stats.metric_sums["num_tokens"]
         rec = {"step": step, "loss": distributed.all_sum(stats.loss), "grad_norm": gnorm, "skipped": not stepped,
                "lr": sched.get_last_lr()[0], "tokens": n_global, "tokens_per_s": n_global / (time.time() - t0),
-               "peak_mem_gib": peak_memory_gib(device)}
+               "peak_mem_gib": peak_memory_gib(device), **offload_record(ctx)}
         if step % cfg.log_every == 0 or step == total - 1:
             log.write(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}")

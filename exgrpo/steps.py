@@ -20,6 +20,7 @@ import contextlib
 from exgrpo import distributed
 from exgrpo.config import PRECISIONS
 from exgrpo.microbatch import plan_micro_batches
+from exgrpo.offload import OffloadActivations
 from exgrpo_kernels import (GRPOLossConfig, PackedBatch, fused_linear_grpo_loss, fused_linear_logprobs,
                             fused_linear_nll_loss, pack_sequences)
 
@@ -53,13 +54,37 @@ class StepContext:
     ref: torch.nn.Module | None = None
     ref_from_adapters_off: bool = False  # LoRA: the reference is the policy with its adapters disabled
     timer: object = None  # a metrics.PhaseTimer receiving the update's phases (ref, old, policy, aux, optim), or None
+    activation_offload: bool = False  # the forward's saved tensors to host memory (exgrpo.offload)
+    offload_stats: dict = field(default_factory=dict)  # activation_offload: offloaded / offloaded_bytes /
+    #                                                     host_bytes_peak of the last micro-batch
 
     def phase(self, name: str):
         return self.timer(name) if self.timer is not None else contextlib.nullcontext()
 
+    def offload(self):
+        """The micro-batch forward's context: activation offloading when on (its counters land in offload_stats)."""
+        if not self.activation_offload:
+            return contextlib.nullcontext()
+        return _Counted(OffloadActivations(), self.offload_stats)
+
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                               enabled=self.autocast_dtype is not None)
+
+
+class _Counted:
+    """An OffloadActivations context whose counters are copied into ``stats`` when it exits."""
+
+    def __init__(self, hooks: OffloadActivations, stats: dict):
+        self.hooks, self.stats = hooks, stats
+
+    def __enter__(self):
+        self.hooks.__enter__()
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+        h = self.hooks
+        self.stats.update(offloaded=h.offloaded, offloaded_bytes=h.offloaded_bytes, host_bytes_peak=h.host_bytes_peak)
 
 
 @dataclass
@@ -127,7 +152,8 @@ def backward_micro_batches(ctx: StepContext, lengths, loss_of, *, sync_last: boo
     mbs = plan if plan is not None else micro_batches(lengths, ctx.micro_batch_tokens)
     for j, mb in enumerate(mbs):
         with distributed.sync_context(ctx.module, sync_last and j == len(mbs) - 1):
-            loss, metrics = loss_of(mb)
+            with ctx.offload():
+                loss, metrics = loss_of(mb)
             (loss * scale).backward()
         v = float(loss.detach())
         stats.loss += v / ctx.world
@@ -429,6 +455,15 @@ def sft_backward(ctx: StepContext, seqs, global_batch: bool = False) -> MicroSta
     return stats
 
 
+def offload_record(ctx: StepContext) -> dict:
+    """The metrics of activation offloading (empty when off): the last micro-batch's offloaded tensors and the host
+    memory they held at most (GiB)."""
+    if not ctx.activation_offload:
+        return {}
+    s = ctx.offload_stats
+    return {"offload_tensors": float(s.get("offloaded", 0)), "offload_host_gib": s.get("host_bytes_peak", 0) / 2**30}
+
+
 def step_context(cfg, policy, device, ref=None) -> StepContext:
     """The micro-step context of a run config (SFTConfig or TrainConfig): the policy wrapped for the data
     parallelism of ``cfg.parallel`` (sharded in place under FSDP2: build the optimizer after this), a frozen
@@ -445,4 +480,5 @@ def step_context(cfg, policy, device, ref=None) -> StepContext:
                     m(dummy_batch(device))
     return StepContext(policy=policy, module=module, device=device, world=distributed.world(),
                        autocast_dtype=autocast_dtype(cfg.precision, device), kernel_backend=cfg.kernel_backend,
-                       micro_batch_tokens=cfg.micro_batch_tokens, ref=ref)
+                       micro_batch_tokens=cfg.micro_batch_tokens, ref=ref,
+                       activation_offload=cfg.model.activation_offload)

@@ -25,32 +25,11 @@ from safetensors.torch import save_file
 
 from exgrpo.config import SamplingConfig
 from exgrpo.generation import Completion, GenerationBackend
-from exgrpo.model import base_causal_lm
+from exgrpo.model import base_causal_lm, merged_state
 
 
 class EngineStartError(RuntimeError):
     pass
-
-
-def merged_state(model):
-    """(name, tensor) pairs of the policy's weights in Hugging Face checkpoint naming (LoRA merged in), one at a
-    time: a consumer that copies each tensor away (vLLM's reload) never holds a second full copy of the model. A
-    yielded tensor may be a view of a live parameter (with LoRA merged in only until the iteration ends): copy it
-    before drawing the next. FSDP2-sharded parameters are gathered one at a time (every rank must iterate: the
-    gather is collective)."""
-    def full(v):
-        return v.full_tensor() if hasattr(v, "full_tensor") else v
-    if hasattr(model, "merge_adapter"):  # peft: merge in place, stream, unmerge
-        model.merge_adapter()
-        try:
-            for k, v in model.state_dict().items():
-                if "lora_" not in k:
-                    yield k.replace("base_model.model.", "").replace(".base_layer", ""), full(v).detach()
-        finally:
-            model.unmerge_adapter()
-        return
-    for k, v in base_causal_lm(model).state_dict().items():
-        yield k, full(v).detach()
 
 
 @dataclass(frozen=True)

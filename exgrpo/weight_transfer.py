@@ -284,7 +284,7 @@ class PolicySource(WeightSource):
         return out
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        from exgrpo.vllm_backend import merged_state
+        from exgrpo.model import merged_state
         for name, t in merged_state(self.model):
             if self.names is None or name in self.names:
                 yield name, t if self.dtype is None else t.to(self.dtype)

@@ -35,21 +35,25 @@ def _run(nproc, args, timeout=600):
     return r
 
 
-@pytest.mark.parametrize("par,tie,lora", [("ddp", "0", "0"), ("fsdp2", "0", "0"), ("fsdp2", "1", "0"),
-                                          ("fsdp2", "0", "1")], ids=["ddp", "fsdp2-untied", "fsdp2-tied", "fsdp2-lora"])
-def test_two_ranks_equal_one_rank(data, tmp_path, par, tie, lora):
+@pytest.mark.parametrize("par,tie,lora,memory", [("ddp", "0", "0", ""), ("fsdp2", "0", "0", ""), ("fsdp2", "1", "0", ""),
+                                                 ("fsdp2", "0", "1", ""), ("fsdp2", "0", "1", "offload")],
+                         ids=["ddp", "fsdp2-untied", "fsdp2-tied", "fsdp2-lora", "fsdp2-lora-offload"])
+def test_two_ranks_equal_one_rank(data, tmp_path, par, tie, lora, memory):
+    """Two ranks (DDP or FSDP2) give one rank's losses and weights; the last case: FSDP2 with activation
+    offloading against one rank with plain gradient checkpointing."""
     script = os.path.join(HERE, "scripts", "parallel_script.py")
     one = tmp_path / "one"
-    r = subprocess.run([sys.executable, script, data, str(one), "ddp", tie, lora],
+    r = subprocess.run([sys.executable, script, data, str(one), "ddp", tie, lora, "ckpt" if memory else ""],
                        capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-4000:]
     two = tmp_path / "two"
-    _run(2, [script, data, str(two), par, tie, lora])
+    _run(2, [script, data, str(two), par, tie, lora, memory])
     assert len(torch.load(one / "result.pt", weights_only=False)["sft_losses"]) == 3
     a = torch.load(one / "result.pt", weights_only=False)
     b = torch.load(two / "result.pt", weights_only=False)
     for x, y in zip(a["sft_losses"], b["sft_losses"]):
         assert abs(x - y) < 1e-5 * max(1, abs(x))
+    assert all((n > 0) == (memory == "offload") for n in b["offload_tensors"])
     m1, _ = build_student(ModelConfig(path=a["sft_final"]))
     m2, _ = build_student(ModelConfig(path=b["sft_final"]))
     for (n, p), q in zip(m1.named_parameters(), m2.parameters()):

@@ -97,6 +97,8 @@ class ModelConfig:
     lora_alpha: int = 64
     liger: bool = False  # Liger-Kernel RMSNorm / SwiGLU / RoPE patches (GPU)
     gradient_checkpointing: bool = False
+    activation_offload: bool = False  # the micro-batch forward's saved tensors (with checkpointing: each layer's
+    #                                   input) kept in host memory until the backward (exgrpo/offload.py)
 
     def __post_init__(self):
         if self.preset is not None and self.preset not in PRESETS:

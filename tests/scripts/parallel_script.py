@@ -1,5 +1,6 @@
 """Run under torchrun (or alone): SFT steps and one GRPO update on fixed global batches with parallel=<ddp|fsdp2>;
-rank 0 writes the losses and the final weights to OUT/result.pt. argv: data out parallel tie lora."""
+rank 0 writes the losses and the final weights to OUT/result.pt. argv: data out parallel tie lora [memory], memory:
+"ckpt" (gradient checkpointing) or "offload" (checkpointing + activation offloading, host copies forced on the CPU)."""
 import json
 import os
 import sys
@@ -18,10 +19,17 @@ from exgrpo.sft import sft  # noqa: E402
 from exgrpo.steps import grpo_update, step_context  # noqa: E402
 
 
-def main(data, out, par, tie, lora):
+def main(data, out, par, tie, lora, memory=""):
     torch.set_num_threads(1)
     mc = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, tie_embeddings=tie == "1",
-                     lora_rank=4 if lora == "1" else 0, lora_alpha=8)
+                     lora_rank=4 if lora == "1" else 0, lora_alpha=8, gradient_checkpointing=memory in ("ckpt", "offload"),
+                     activation_offload=memory == "offload")
+    if memory == "offload":  # on the CPU the saved tensors would stay in place: copy them, as on CUDA
+        import functools
+
+        from exgrpo import steps
+        from exgrpo.offload import OffloadActivations
+        steps.OffloadActivations = functools.partial(OffloadActivations, min_bytes=0, copy_host_tensors=True)
     r = sft(SFTConfig(data=data, model=mc, out_dir=os.path.join(out, "sft"), max_steps=3, batch_dialogues=6,
                       micro_batch_tokens=700, progress=False, parallel=par, optim=OptimConfig(lr=1e-2, warmup_steps=0)))
     rank, world, device = distributed.init()
@@ -44,8 +52,10 @@ def main(data, out, par, tie, lora):
                     lambda ok: optimizer_step(model, opt, sched, cfg.optim, ok, NonFiniteGuard(5))).record()
     weights = full_state_dict(model) if par == "fsdp2" else {k: v.detach().clone() for k, v in model.state_dict().items()}
     if distributed.is_main():
-        sft_losses = [json.loads(x)["loss"] for x in open(os.path.join(out, "sft", "metrics.jsonl"))]
+        rows = [json.loads(x) for x in open(os.path.join(out, "sft", "metrics.jsonl"))]
+        sft_losses = [x["loss"] for x in rows]
         torch.save({"sft_final": r["final"], "grpo_loss": m["loss"], "sft_losses": sft_losses,
+                    "offload_tensors": [x.get("offload_tensors", 0) for x in rows],
                     "grpo_weights": {k: v.detach().clone() for k, v in weights.items()}}, os.path.join(out, "result.pt"))
     distributed.barrier()
     distributed.close()
