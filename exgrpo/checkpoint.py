@@ -13,7 +13,6 @@ Both carry ``layout.json`` (the layout and world size), so a resume from another
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
@@ -29,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from exgrpo import distributed
 from exgrpo.io import atomic_write_text
+from exgrpo.model import merged_model
 
 
 def rng_state() -> dict:
@@ -148,7 +148,7 @@ def save_final(cfg, model, tok, rebuild=None) -> str | None:
             if hasattr(m, "merge_and_unload"):
                 m = m.merge_and_unload()
     elif hasattr(model, "merge_and_unload") and distributed.is_main():
-        m = copy.deepcopy(model).merge_and_unload()
+        m = merged_model(model)  # LoRA merged (a QLoRA base dequantized): a plain folder
     path = None
     if distributed.is_main():
         path = os.path.join(cfg.out_dir, "final")

@@ -181,7 +181,11 @@ def make_backend(cfg: TrainConfig, model, tok, dtok, fsdp_root=None) -> Generati
         backend = GenBackend.VLLM if importlib.util.find_spec("vllm") is not None else GenBackend.TRANSFORMERS
     if backend == GenBackend.VLLM:
         from exgrpo.vllm_backend import EngineConfig, VLLMBackend
-        return VLLMBackend.from_model(model, tok, dtok.eot, EngineConfig(seed=cfg.seed, sleep_level=cfg.vllm_sleep_level))
+        dev = next(model.parameters()).device
+        bf16 = autocast_dtype(cfg.precision, dev) == torch.bfloat16  # generate in the dtype the trainer computes in
+        return VLLMBackend.from_model(model, tok, dtok.eot, EngineConfig(seed=cfg.seed, sleep_level=cfg.vllm_sleep_level,
+                                                                         dtype="bfloat16" if bf16 else "auto",
+                                                                         gpu_memory_utilization=cfg.vllm_gpu_memory_utilization))
     if backend == GenBackend.VLLM_SERVER:
         from exgrpo.vllm_backend import ServerOptions, VLLMServerBackend
         be = VLLMServerBackend(cfg.server_url, cfg.server_model, tok, dtok.eot,

@@ -4,7 +4,9 @@ view that the fused kernels take (never the [tokens x vocab] logits). ``ModelCon
 (``PRESETS``) are in ``exgrpo.config``."""
 from __future__ import annotations
 
+import copy
 import dataclasses
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -43,11 +45,16 @@ def build_student(cfg: ModelConfig, seed: int = 0, device="cpu"):
         _apply_liger(cfg)
     if cfg.path:
         tok = transformers.AutoTokenizer.from_pretrained(cfg.path)
-        model = transformers.AutoModelForCausalLM.from_pretrained(cfg.path, dtype=getattr(torch, cfg.dtype))
+        model = _load_4bit(cfg.path, cfg, device) if cfg.load_in_4bit else \
+            transformers.AutoModelForCausalLM.from_pretrained(cfg.path, dtype=getattr(torch, cfg.dtype))
     else:
         tok = byte_tokenizer(cfg.tokenizer_style) if cfg.tokenizer == "byte" else arithmetic_tokenizer(cfg.tokenizer_style)
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(hf_config(cfg, tok)).to(getattr(torch, cfg.dtype))
+        if cfg.load_in_4bit:  # a built student: quantized as a checkpoint of it would be
+            with tempfile.TemporaryDirectory() as d:
+                model.save_pretrained(d)
+                model = _load_4bit(d, cfg, device)
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tok.pad_token_id
         model.generation_config.eos_token_id = tok.eos_token_id
@@ -59,7 +66,26 @@ def build_student(cfg: ModelConfig, seed: int = 0, device="cpu"):
                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                                  "up_proj", "down_proj"]))
     use_packed_attention(base_causal_lm(model))
-    return model.to(device), tok
+    return (model if cfg.load_in_4bit else model.to(device)), tok
+
+
+def _load_4bit(path: str, cfg: ModelConfig, device):
+    """QLoRA's base: every linear layer but lm_head in NF4 with double quantization (bitsandbytes), computing in
+    ``cfg.dtype``; embeddings, norms and lm_head (which the fused kernels read as a plain [V, H] weight) in it."""
+    try:
+        import bitsandbytes  # noqa: F401  (optional: QLoRA only)
+    except ImportError as err:
+        raise ImportError("ModelConfig.load_in_4bit=true needs bitsandbytes (pip install bitsandbytes)") from err
+    dt = getattr(torch, cfg.dtype)
+    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                        bnb_4bit_compute_dtype=dt, llm_int8_skip_modules=["lm_head"])
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dt, quantization_config=q,
+                                                             device_map={"": str(torch.device(device))})
+
+
+def is_4bit(model) -> bool:
+    """Whether the model holds bitsandbytes 4-bit weights (a QLoRA base)."""
+    return any(type(p).__name__ == "Params4bit" for p in model.parameters())
 
 
 def _apply_liger(cfg: ModelConfig):
@@ -156,6 +182,9 @@ def merged_state(model):
     gather is collective)."""
     def full(v):
         return v.full_tensor() if hasattr(v, "full_tensor") else v
+    if is_4bit(model):  # QLoRA: merging into NF4 would requantize (lossy, drifting): dequantize and add instead
+        yield from _dequantized_merged_state(model)
+        return
     if hasattr(model, "merge_adapter"):  # peft: merge in place, stream, unmerge
         model.merge_adapter()
         try:
@@ -167,3 +196,41 @@ def merged_state(model):
         return
     for k, v in base_causal_lm(model).state_dict().items():
         yield k, full(v).detach()
+
+
+def _dequantized_merged_state(model):
+    """A 4-bit base's weights dequantized to its compute dtype, each adapted layer's LoRA delta added (the model is
+    not changed), in Hugging Face naming, one tensor at a time."""
+    import bitsandbytes.functional as bnbf
+    lora_of = {id(m.base_layer): m for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "get_delta_weight")}
+    for mname, mod in model.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            name = f"{mname}.{pname}" if mname else pname
+            if "lora_" in name:
+                continue
+            w = bnbf.dequantize_4bit(p.data, p.quant_state) if type(p).__name__ == "Params4bit" else p.detach()
+            lora = lora_of.get(id(mod))
+            if lora is not None and pname == "weight" and not lora.merged:
+                for a in lora.active_adapters:
+                    if a in lora.lora_A:
+                        w = w + lora.get_delta_weight(a).to(w.dtype)
+            yield name.replace("base_model.model.", "").replace(".base_layer", ""), w
+
+
+def merged_model(model):
+    """A plain transformers model holding the policy's weights (LoRA merged, a 4-bit base dequantized): what is
+    exported and what a colocated vLLM starts from. The model itself is not changed."""
+    if is_4bit(model):
+        base = base_causal_lm(model)
+        cfg = copy.deepcopy(base.config)
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        sd = {n: t.detach().clone() for n, t in merged_state(model)}
+        plain = transformers.AutoModelForCausalLM.from_config(cfg, dtype=next(iter(sd.values())).dtype)
+        missing, unexpected = plain.load_state_dict(sd, strict=False)
+        if unexpected or [m for m in missing if not (m == "lm_head.weight" and cfg.tie_word_embeddings)]:
+            raise RuntimeError(f"merged_model: missing {missing}, unexpected {unexpected}")
+        return plain
+    if hasattr(model, "merge_and_unload"):
+        return copy.deepcopy(model).merge_and_unload()
+    return base_causal_lm(model)

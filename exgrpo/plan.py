@@ -8,6 +8,8 @@ parallel layout and world size, the micro-batch, the loss's memory mode and the 
   model's dtype, frozen (no gradient, no moments); the adapters trained as above.
 - FSDP2's gathered layers: the layer being computed and the one prefetched, and the root (embeddings, head), in
   the gather dtype (FSDPConfig.param_dtype, fp32 by default).
+- QLoRA (model.load_in_4bit): the decoder's linear weights in NF4 with double quantization (0.516 B/param), the
+  embeddings, norms and lm_head in the model's dtype.
 - reference policy (KL, beta > 0): a second copy of the weights in the compute dtype (sharded like the policy); none
   with LoRA (the policy with its adapters disabled).
 - activations of one micro-batch: the tensors a Llama-style decoder layer saves for its backward, per token:
@@ -22,8 +24,10 @@ parallel layout and world size, the micro-batch, the loss's memory mode and the 
   under FSDP2, which gathers them first; one layer with checkpointing; none when FSDP2 gathers in bf16).
 - the fused loss: one [chunk, V] logits tile, the fp32 grad-weight accumulator in fast mode when the head trains,
   a bf16 copy of an fp32 head under autocast; low-memory mode: a vocabulary slab and an fp32 grad-hidden.
-- vLLM: its share of the card while it generates (gpu_memory_utilization); during the training phase, asleep at
-  level 2, a residual (1 GiB assumed); level 1 keeps nothing of the weights on the GPU either but pins host memory.
+- vLLM: its share of the card while it generates (gpu_memory_utilization), which must hold its own copy of the
+  weights (merged, dequantized; bf16 under bf16 autocast, else the weights' dtype) and at least 1 GiB of KV cache;
+  during the training phase, asleep at level 2, a residual (1 GiB assumed); level 1 keeps nothing of the weights
+  on the GPU either but pins host memory.
 - AdamW's step: about two parameter-sized fp32 temporaries (foreach implementation).
 - attention=math (SDPA's math path, when a user forces it): the [heads, len, len] probabilities saved per sequence
   and layer.
@@ -44,6 +48,9 @@ from dataclasses import dataclass
 from exgrpo.config import PRESETS, ModelConfig, PlanConfig, card_gib
 
 GIB = 1 << 30
+# NF4 with double quantization: 4 bits a weight, an 8-bit absmax per 64 weights, an fp32 constant per 256 absmaxes
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+VLLM_MIN_KV = 1 * GIB  # the least KV cache a colocated vLLM is given room for beside its weights
 # the terms alive only during one micro-batch's forward and backward
 MICRO_BATCH_TERMS = ("activations", "attention scores", "bf16 weight copies", "fused loss")
 
@@ -123,7 +130,13 @@ def plan(cfg: PlanConfig, vocab: int | None = None) -> dict:
     base_b = 2 if cfg.model.dtype == "bfloat16" else 4
     lora = cfg.model.lora_rank > 0
     t = {}
-    if lora:
+    if lora and cfg.model.load_in_4bit:  # QLoRA: the decoder's linear weights in NF4, the rest in the model's dtype
+        A = s.lora_params(cfg.model.lora_rank)
+        linear = s.layers * (s.layer_params() - 2 * s.hidden)
+        t["weights (frozen base, NF4 linears)"] = (linear * NF4_BYTES + (P - linear) * base_b) / W
+        t["LoRA adapters, grads, AdamW"] = A * 16 / W
+        trained_head = False
+    elif lora:
         A = s.lora_params(cfg.model.lora_rank)
         t["weights (frozen base)"] = P * base_b / W
         t["LoRA adapters, grads, AdamW"] = A * 16 / W
@@ -178,18 +191,23 @@ def plan(cfg: PlanConfig, vocab: int | None = None) -> dict:
     gen_total = (sum(v for k, v in t.items() if not k.startswith(MICRO_BATCH_TERMS + ("gradients",
                                                                                         "optimizer step")))
                  + vllm_gen)
+    # inside its share vLLM holds its own copy of the (merged, dequantized) weights in their dtype, and a KV cache
+    vllm_weights = P * min(b, base_b) if cfg.vllm_gpu_memory_utilization > 0 else 0.0  # bf16 under bf16 autocast
+    vllm_ok = cfg.vllm_gpu_memory_utilization == 0 or vllm_weights + VLLM_MIN_KV <= vllm_gen
     gib = {k: v / GIB for k, v in t.items()}
     return {"params": P, "per_gpu_gib": gib, "vllm_training_phase_gib": vllm_train / GIB,
-            "vllm_generation_phase_gib": vllm_gen / GIB, "training_phase_gib": train_total / GIB,
+            "vllm_generation_phase_gib": vllm_gen / GIB, "vllm_weights_gib": vllm_weights / GIB,
+            "vllm_share_holds_weights": vllm_ok, "training_phase_gib": train_total / GIB,
             "generation_phase_gib": gen_total / GIB, "card_gib": card / GIB, "host_offload_gib": host_offload / GIB,
-            "fits": train_total <= card and gen_total <= card}
+            "fits": train_total <= card and gen_total <= card and vllm_ok}
 
 
 def render(cfg: PlanConfig, p: dict) -> str:
     mc = cfg.model
     name = mc.preset or mc.path or f"h{mc.hidden_size} x{mc.num_layers}"
     lines = [f"{name}: {p['params'] / 1e9:.2f} B parameters; {cfg.parallel} on {cfg.world_size} GPU(s), "
-             f"{'LoRA r=' + str(mc.lora_rank) if mc.lora_rank else 'full fine-tune'}, {cfg.precision}, "
+             f"{('QLoRA' if mc.load_in_4bit else 'LoRA') + ' r=' + str(mc.lora_rank) if mc.lora_rank else 'full fine-tune'}, "
+             f"{cfg.precision}, "
              f"{cfg.micro_batch_tokens} tokens per micro-batch, loss {cfg.memory_mode}"
              f"{', gradient checkpointing' if mc.gradient_checkpointing else ''}"
              f"{', activation offload' if mc.activation_offload else ''}", ""]
@@ -197,10 +215,15 @@ def render(cfg: PlanConfig, p: dict) -> str:
         lines.append(f"  {k:52s} {v:8.2f} GiB")
     lines.append(f"  {'vLLM (asleep during training / generating)':52s} {p['vllm_training_phase_gib']:8.2f} / "
                  f"{p['vllm_generation_phase_gib']:.2f} GiB")
+    if p["vllm_weights_gib"]:
+        lines.append(f"  {'  of which vLLM weights (+ >= 1 GiB KV cache)':52s} {p['vllm_weights_gib']:8.2f} GiB")
     lines.append(f"  {'training phase':52s} {p['training_phase_gib']:8.2f} GiB")
     if mc.activation_offload:
         lines.append(f"  {'  + host memory (offloaded activations)':52s} {p['host_offload_gib']:8.2f} GiB")
     lines.append(f"  {'generation phase':52s} {p['generation_phase_gib']:8.2f} GiB")
     verdict = "fits" if p["fits"] else "does NOT fit"
-    lines.append(f"  -> {verdict} a {p['card_gib']:.0f} GiB card ({cfg.card})")
+    why = "" if p["vllm_share_holds_weights"] else (
+        f": vLLM's share ({p['vllm_generation_phase_gib']:.1f} GiB) cannot hold its weights and a KV cache; raise "
+        f"vllm_gpu_memory_utilization")
+    lines.append(f"  -> {verdict} a {p['card_gib']:.0f} GiB card ({cfg.card}){why}")
     return "\n".join(lines)

@@ -9,7 +9,6 @@ the two equal; with truncation on, the engine's values are those of the truncate
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import gc
 import math
@@ -25,7 +24,7 @@ from safetensors.torch import save_file
 
 from exgrpo.config import SamplingConfig
 from exgrpo.generation import Completion, GenerationBackend
-from exgrpo.model import base_causal_lm, merged_state
+from exgrpo.model import merged_model, merged_state
 
 
 class EngineStartError(RuntimeError):
@@ -85,9 +84,7 @@ class VLLMBackend(GenerationBackend):
         defaults: the weights' dtype, 0.3 of the GPU (0.2 on the CPU), sleep mode on CUDA."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: weights sync by reference
         workdir = tempfile.mkdtemp(prefix="exgrpo-vllm-")
-        lm = base_causal_lm(model)
-        if hasattr(model, "merge_and_unload"):
-            lm = copy.deepcopy(model).merge_and_unload()
+        lm = merged_model(model)
         lm.save_pretrained(workdir)
         tokenizer.save_pretrained(workdir)
         cuda = torch.cuda.is_available()

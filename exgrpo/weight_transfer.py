@@ -272,7 +272,9 @@ class PolicySource(WeightSource):
         self.model, self.dtype, self.names = model, dtype, names
 
     def metadata(self) -> list[ParamMeta]:
-        from exgrpo.model import base_causal_lm
+        from exgrpo.model import base_causal_lm, is_4bit
+        if is_4bit(self.model):  # packed NF4 shapes say nothing: one pass of the dequantized weights
+            return [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in self]
         sd = self.model.state_dict() if hasattr(self.model, "merge_adapter") else base_causal_lm(self.model).state_dict()
         out = []
         for k, v in sd.items():

@@ -69,3 +69,21 @@ def test_the_training_peak_is_not_the_sum_of_the_terms():
     rest = sum(g.values()) - micro - g["optimizer step temporaries"]
     assert p["training_phase_gib"] == pytest.approx(rest + max(micro, g["optimizer step temporaries"])
                                                     + p["vllm_training_phase_gib"])
+
+
+def test_qlora_stores_the_linear_weights_in_nf4_and_vllms_share_must_hold_its_weights():
+    from exgrpo.plan import NF4_BYTES
+    lora = ModelConfig(preset="qwen2.5-7b", lora_rank=32, dtype="bfloat16", gradient_checkpointing=True)
+    q = plan(PlanConfig(model=ModelConfig(**{**lora.__dict__, "load_in_4bit": True}), parallel="ddp", world_size=1))
+    p = plan(PlanConfig(model=lora, parallel="ddp", world_size=1))
+    s = shape_of(lora)
+    linear = s.layers * (s.layer_params() - 2 * s.hidden)
+    want = (linear * NF4_BYTES + (s.params() - linear) * 2) / 2 ** 30
+    assert q["per_gpu_gib"]["weights (frozen base, NF4 linears)"] == pytest.approx(want)
+    assert p["per_gpu_gib"]["weights (frozen base)"] - want > 8  # ~14.2 GiB of bf16 -> ~5.2 GiB
+    assert abs(NF4_BYTES - 0.516) < 1e-3  # 4 bits + an 8-bit absmax per 64 + an fp32 per 256 absmaxes
+    # a 40 GB card: vLLM at 0.3 (12 GiB) cannot hold the 7B's bf16 weights (14.2 GiB) and a KV cache; at 0.4 it can
+    small = plan(PlanConfig(model=lora, parallel="ddp", world_size=1, card="a100-40"))
+    assert not small["fits"] and not small["vllm_share_holds_weights"] and small["training_phase_gib"] < 40
+    assert plan(PlanConfig(model=lora, parallel="ddp", world_size=1, card="a100-40",
+                           vllm_gpu_memory_utilization=0.4))["fits"]

@@ -99,6 +99,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     activation_offload: bool = False  # the micro-batch forward's saved tensors (with checkpointing: each layer's
     #                                   input) kept in host memory until the backward (exgrpo/offload.py)
+    load_in_4bit: bool = False  # QLoRA: the base's linear layers in NF4 (bitsandbytes, double quantization), LoRA
+    #                             adapters on top (needs lora_rank > 0); embeddings, norms and lm_head stay in dtype
 
     def __post_init__(self):
         if self.preset is not None and self.preset not in PRESETS:
@@ -112,6 +114,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.lora_rank must be >= 0, got {self.lora_rank}")
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ValueError(f"ModelConfig.vocab_size must be >= 1 or None, got {self.vocab_size}")
+        if self.load_in_4bit and self.lora_rank < 1:
+            raise ValueError(f"ModelConfig.load_in_4bit=true trains LoRA adapters on the frozen 4-bit base: set "
+                             f"lora_rank > 0 (got {self.lora_rank})")
 
 
 @dataclass(frozen=True)
@@ -187,6 +192,9 @@ def _check_run(name: str, cfg) -> None:
     _one_of(name, "kernel_backend", cfg.kernel_backend, KERNEL_BACKENDS)
     if cfg.micro_batch_tokens < 1:
         raise ValueError(f"{name}.micro_batch_tokens must be >= 1, got {cfg.micro_batch_tokens}")
+    if cfg.model.load_in_4bit and cfg.parallel == "fsdp2":
+        raise ValueError(f"{name}: model.load_in_4bit=true (QLoRA) runs with parallel=ddp, not fsdp2 (bitsandbytes' "
+                         f"4-bit weights are not sharded here)")
 
 
 # ================================================================================================ commands
@@ -288,6 +296,8 @@ class TrainConfig:
     parallel: str = "ddp"  # data parallelism under torchrun: ddp | fsdp2
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     vllm_sleep_level: int = 2  # colocated vLLM on CUDA during the training phase: 1 offload weights | 2 drop them
+    vllm_gpu_memory_utilization: float | None = None  # colocated vLLM's share of the card (its weights + KV cache;
+    #                                                    None: 0.3 on CUDA, 0.2 on the CPU); exgrpo plan sizes it
     progress: bool = True
 
     def __post_init__(self):
@@ -303,6 +313,9 @@ class TrainConfig:
         _one_of("TrainConfig", "advantage_groups", self.advantage_groups, ("question", "scenario"))
         _one_of("TrainConfig", "backend", self.backend, GEN_BACKENDS)
         _one_of("TrainConfig", "server_weight_transfer", self.server_weight_transfer, ("file", "gloo", "nccl"))
+        u = self.vllm_gpu_memory_utilization
+        if u is not None and not 0 < u < 1:
+            raise ValueError(f"TrainConfig.vllm_gpu_memory_utilization must be in (0, 1) or None, got {u}")
         if self.updates_per_batch < 1 or self.questions_per_step < 1 or self.steps < 0:
             raise ValueError(f"TrainConfig.updates_per_batch and questions_per_step must be >= 1 and steps >= 0, got "
                              f"{self.updates_per_batch}, {self.questions_per_step}, {self.steps}")
