@@ -18,7 +18,9 @@ Writes results.json, results.csv and results.png into --out (default bench/resul
 ``--server-sync N`` (vLLM installed) also times server mode's weight push: the same model pushed N times (after a
 warm-up push, which for gloo joins the process group) to a loopback ``vllm serve`` by each path, ``file``
 (safetensors under /dev/shm + the workers' reload) and ``gloo`` (a process group with the server's workers,
-bucketed broadcasts), into server_sync.json; ``--skip-race`` runs only that.
+bucketed broadcasts), into server_sync.json. ``--async-overlap N`` times N steps of ours in server mode with
+``async_steps`` 0 and 1 (the next step's rollouts generated while this one trains) into the same file.
+``--skip-race`` runs only those.
 """
 from __future__ import annotations
 
@@ -266,35 +268,55 @@ def write(out_dir: str, doc: dict):
     plt.close(fig)
 
 
-def server_sync(model_dir: str, repeats: int) -> dict:
-    """Median seconds of a weight push to a loopback vLLM server by each path (the policy perturbed before each
-    push, so every push carries new weights), and the megabytes each push moves."""
+def loopback_server(model_dir: str):
+    """A vLLM server on loopback serving the bench's model, with the gloo weight-transfer engine."""
+    from exgrpo.vllm_serve import LocalVLLMServer
+    return LocalVLLMServer(model_dir, name="student", extra_args=("--weight-transfer-config", '{"backend": "gloo"}',
+                                                                  "--logprobs-mode", "processed_logprobs"),
+                           extra_env={"VLLM_SERVER_DEV_MODE": "1"})
+
+
+def server_sync(url: str, model_dir: str, repeats: int) -> dict:
+    """Median seconds of a weight push to the server by each path (the policy perturbed before each push, so every
+    push carries new weights), and the megabytes each push moves."""
     import transformers
 
     from exgrpo.vllm_backend import ServerOptions, VLLMServerBackend
-    from exgrpo.vllm_serve import LocalVLLMServer
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    srv = LocalVLLMServer(model_dir, name="student", extra_args=("--weight-transfer-config", '{"backend": "gloo"}'),
-                          extra_env={"VLLM_SERVER_DEV_MODE": "1"})
     out = {}
-    try:
-        for path in ("file", "gloo"):
-            be = VLLMServerBackend(srv.url, "student", tok, [tok.eos_token_id], ServerOptions(weight_transfer=path))
-            times = []
-            for _ in range(repeats + 1):
-                with torch.no_grad():
-                    for q in model.parameters():
-                        q.mul_(1.0001)
-                t0 = time.perf_counter()
-                be.sync_weights(model)
-                times.append(time.perf_counter() - t0)
-            out[path] = {"first_push_s": times[0], "push_s": statistics.median(times[1:]),
-                         "push_mb": be.last_push_bytes / 2**20, "pushes": repeats}
-            be.close()
-    finally:
-        srv.kill()
+    for path in ("file", "gloo"):
+        be = VLLMServerBackend(url, "student", tok, [tok.eos_token_id], ServerOptions(weight_transfer=path))
+        times = []
+        for _ in range(repeats + 1):
+            with torch.no_grad():
+                for q in model.parameters():
+                    q.mul_(1.0001)
+            t0 = time.perf_counter()
+            be.sync_weights(model)
+            times.append(time.perf_counter() - t0)
+        out[path] = {"first_push_s": times[0], "push_s": statistics.median(times[1:]),
+                     "push_mb": be.last_push_bytes / 2**20, "pushes": repeats}
+        be.close()
     out["ratio_gloo_over_file"] = out["gloo"]["push_s"] / out["file"]["push_s"]
+    return out
+
+
+def async_overlap(url: str, p: dict, root: str, model_dir: str, data: str, steps: int) -> dict:
+    """Our step in server mode (gloo push) with async_steps 0 and 1, one after the other in this run: median wall
+    time per step and generated tokens per second (the first step of each is a warm-up)."""
+    import dataclasses
+    out = {}
+    for a in (0, 1):
+        cfg = dataclasses.replace(_ours_config(p, root, model_dir, data, steps + 1), backend="vllm-server",
+                                  server_url=url, server_model="student", server_weight_transfer="gloo",
+                                  async_steps=a, out_dir=os.path.join(root, f"async{a}"))
+        rows = list(train_steps(cfg))[1:]
+        med = lambda k: statistics.median(r.get(k, 0.0) for r in rows)
+        out[f"async_steps={a}"] = {"step_s": med("time_step_s"), "tokens_per_s": med("tokens_per_s"),
+                                   "gen_s": med("time_gen_s"), "train_s": med("time_policy_s") + med("time_ref_s"),
+                                   "gen_hidden_s": med("time_gen_hidden_s"), "steps": len(rows)}
+    out["throughput_ratio"] = out["async_steps=1"]["tokens_per_s"] / out["async_steps=0"]["tokens_per_s"]
     return out
 
 
@@ -312,10 +334,12 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--server-sync", type=int, default=0, metavar="N",
                     help="also time N weight pushes to a loopback vLLM server per path (file, gloo)")
-    ap.add_argument("--skip-race", action="store_true", help="with --server-sync: only the push timing")
+    ap.add_argument("--async-overlap", type=int, default=0, metavar="N",
+                    help="also time N steps of ours in server mode with async_steps 0 and 1 (vLLM installed)")
+    ap.add_argument("--skip-race", action="store_true", help="with --server-sync / --async-overlap: only those")
     a = ap.parse_args(argv)
-    if a.skip_race and not a.server_sync:
-        ap.error("--skip-race needs --server-sync N")
+    if a.skip_race and not (a.server_sync or a.async_overlap):
+        ap.error("--skip-race needs --server-sync N or --async-overlap N")
     p = dict(PRESETS[a.preset])
     if a.steps:
         p["steps"] = a.steps
@@ -336,7 +360,14 @@ def main(argv=None):
             for e in qs:
                 f.write(json.dumps({"question": e.question, "answer": e.answer, "answer_type": e.answer_type,
                                     "probes": []}) + "\n")
-        sync = server_sync(model_dir, a.server_sync) if a.server_sync else None
+        sync = overlap = None
+        if a.server_sync or a.async_overlap:
+            srv = loopback_server(model_dir)
+            try:
+                sync = server_sync(srv.url, model_dir, a.server_sync) if a.server_sync else None
+                overlap = async_overlap(srv.url, p, root, model_dir, data, a.async_overlap) if a.async_overlap else None
+            finally:
+                srv.kill()
         if not a.skip_race:
             racer = Racer(p, root, model_dir, data, [e.question for e in qs], device)
             racer.run()
@@ -344,20 +375,27 @@ def main(argv=None):
     shape = p["model"].get("preset") or f"{p['model']['arch']} hidden {p['model']['hidden_size']}, " \
         f"{p['model']['num_layers']} layers, vocab {p['model']['vocab_size']}"
     out = a.out or os.path.join("bench", "results", f"e2e-{a.preset}")
-    if sync:
+    if sync or overlap:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "server_sync.json"), "w") as f:
-            json.dump({"title": f"{a.preset}: {shape}; weight push to a loopback vllm serve", "config": p,
-                       "environment": {**environment(device), **_versions()}, "server_sync": sync}, f, indent=1)
-        print("server push: " + ", ".join(f"{k} {sync[k]['push_s']:.3f} s ({sync[k]['push_mb']:.0f} MB)"
-                                          for k in ("file", "gloo")) + f"; wrote {out}/server_sync.json")
+            json.dump({"title": f"{a.preset}: {shape}; server mode against a loopback vllm serve", "config": p,
+                       "environment": {**environment(device), **_versions()}, "server_sync": sync,
+                       "async_overlap": overlap}, f, indent=1)
+        if sync:
+            print("server push: " + ", ".join(f"{k} {sync[k]['push_s']:.3f} s ({sync[k]['push_mb']:.0f} MB)"
+                                              for k in ("file", "gloo")))
+        if overlap:
+            print("server mode step: " + ", ".join(f"{k} {v['step_s']:.2f} s, {v['tokens_per_s']:.0f} tok/s"
+                                                   for k, v in overlap.items() if k.startswith("async")) +
+                  f"; async throughput {overlap['throughput_ratio']:.2f}x")
+        print(f"wrote {out}/server_sync.json")
         if a.skip_race:
-            return sync
+            return {"server_sync": sync, "async_overlap": overlap}
     doc = {"title": f"{a.preset}: {shape}; {p['prompts']} prompts x G={p['G']}, {p['completion']} new tokens, dapo, "
                     f"beta 0.04, {p['precision']}", "preset": a.preset, "config": p,
            "environment": {**environment(device), **_versions()}, "steps": racer.rows, "summary": summary}
-    if sync:
-        doc["server_sync"] = sync
+    if sync or overlap:
+        doc.update(server_sync=sync, async_overlap=overlap)
     write(out, doc)
     r = summary["ratios"]
     for name in ("trl", "ours"):

@@ -127,6 +127,8 @@ def save(out_dir: str, step: int, parallel: str, run: Run, state: dict, keep: in
 def maybe_save(cfg, step: int, run: Run, state: dict) -> None:
     """A checkpoint after step ``step`` when ``cfg.save_every`` says so."""
     if cfg.save_every and (step + 1) % cfg.save_every == 0:
+        if callable(state.get("pending")):  # the next step's rollouts (async_steps), gathered only when saved
+            state = {**state, "pending": state["pending"]()}
         save(cfg.out_dir, step + 1, cfg.parallel, run, state)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -26,7 +28,7 @@ from exgrpo.metrics import MetricsLog, PhaseTimer, global_mean, peak_memory_gib
 from exgrpo.model import PolicyHidden, load_policy
 from exgrpo.optim import NonFiniteGuard, make_optimizer, optimizer_step
 from exgrpo.rewards import load_reward_fns, score_rollouts
-from exgrpo.rollouts import (build_prompts, informative_questions, keep_questions, rollout_batch,
+from exgrpo.rollouts import (Collected, build_prompts, informative_questions, keep_questions, rollout_batch,
                              sample_records, scenarios)
 from exgrpo.steps import autocast_dtype, grpo_update, offload_record, step_context
 
@@ -69,9 +71,9 @@ def train_steps(cfg: TrainConfig, resume: bool = False):
         guard.count = state.get("nonfinite", 0)
         backend.sync_weights(model)
     log = MetricsLog(cfg.out_dir, state["step"])
-    bar = tqdm(range(state["step"], cfg.steps), desc="exgrpo", disable=not (cfg.progress and distributed.is_main()))
-    for step in bar:
-        timer = ctx.timer = PhaseTimer(device)
+
+    def collect(step: int, timer: PhaseTimer) -> Collected:
+        """Steps 1-3 of ``step`` on this rank: its questions, rollouts, rewards and advantages."""
         # ---- 1. questions of this step (deterministic in the step: resume replays it exactly); dynamic sampling
         #         (filter_groups=resample) takes the next ones of the same order, round after round
         rng = random.Random(f"{cfg.seed}-{step}")
@@ -79,7 +81,7 @@ def train_steps(cfg: TrainConfig, resume: bool = False):
         if cfg.filter_groups == "resample":  # the rest, in a fixed order after the step's own questions
             order += rng.sample(sorted(set(range(len(questions))) - set(order)), len(questions) - len(order))
         share = len(order[:cfg.questions_per_step][rank::world])  # this rank's questions in the step
-        kept, n_zero, n_seen = [], 0, 0
+        kept, n_zero, n_seen, version = [], 0, 0, state.get("weights_version", 0)
         for rnd in range(cfg.filter_max_rounds if cfg.filter_groups == "resample" else 1):
             picked = order[rnd * cfg.questions_per_step:(rnd + 1) * cfg.questions_per_step][rank::world]
             plan = [scenarios(questions[i], cfg, random.Random(f"{cfg.seed}-{step}-{i}")) for i in picked]
@@ -110,7 +112,25 @@ def train_steps(cfg: TrainConfig, resume: bool = False):
             batch = rollout_batch([d for k in kept for d in k[2]], torch.cat([k[4] for k in kept]), turn_adv,
                                   cfg.policy_turns, cfg.mask_truncated_completions)
             aux = [dtok.encode(p.aux_messages).tensors("all") for p in aux_plan] if cfg.aux_weight > 0 else []
-        prompts, dialogues, scored = first
+        return Collected(batch, aux, first, rnd + 1, n_zero, n_seen, sum(len(k[0]) for k in kept), timer.times,
+                         version)
+
+    # async_steps=1: step t+1's rollouts are generated (by the server, on the weights of step t) while step t trains
+    background = ThreadPoolExecutor(max_workers=1) if cfg.async_steps else None
+    pending = state.pop("pending", None)  # a resumed async run: the next step's rollouts, saved with the checkpoint
+    pending = pending[rank] if pending is not None else None
+    bar = tqdm(range(state["step"], cfg.steps), desc="exgrpo", disable=not (cfg.progress and distributed.is_main()))
+    for step in bar:
+        t_wall = time.perf_counter()
+        if pending is None:
+            c = collect(step, PhaseTimer(device))
+        else:
+            c = pending.result() if hasattr(pending, "result") else pending
+        timer = ctx.timer = PhaseTimer(device)
+        timer.times.update(c.times)
+        nxt = background.submit(collect, step + 1, PhaseTimer(torch.device("cpu"))) \
+            if background is not None and step + 1 < cfg.steps else None
+        batch, aux, (prompts, dialogues, scored) = c.batch, c.aux, c.first
         opd = {}
         if teacher is not None:  # ---- on-policy distillation: the teacher scores every sampled token
             with timer("teacher"):
@@ -123,18 +143,24 @@ def train_steps(cfg: TrainConfig, resume: bool = False):
         upd = grpo_update(ctx, batch.inputs(), aux, cfg.loss,
                           lambda ok: optimizer_step(model, opt, sched, cfg.optim, ok, guard),
                           aux_weight=cfg.aux_weight, updates=cfg.updates_per_batch)
+        t_wait = time.perf_counter()
+        pending = nxt.result() if nxt is not None else None  # its rollouts are all on the old weights: now sync
+        t_wait = time.perf_counter() - t_wait
         with timer("sync"):
             backend.sync_weights(model)
-        state.update(step=step + 1, nonfinite=guard.count)
+        state.update(step=step + 1, nonfinite=guard.count, weights_version=state.get("weights_version", 0) + 1)
         # ---- 5. metrics, samples, evaluation and checkpoints
         n_tok = distributed.all_sum(sum(int(m.sum()) for m in batch.mask))
         resp = [sum(d.generated) / max(1, sum(r == "assistant" for r in d.roles)) for d in dialogues]
         rewards = {k: global_mean(v) for k, v in sorted(scored.metrics.items())}
-        t_step = sum(timer.times.values())
+        t_step = sum(timer.times.values()) if background is None else time.perf_counter() - t_wall
         if cfg.filter_groups != "off":
-            rewards.update(frac_zero_adv_questions=distributed.all_sum(n_zero) / max(1.0, distributed.all_sum(n_seen)),
-                           sampling_rounds=float(rnd + 1), trained_questions=distributed.all_sum(
-                               sum(len(k[0]) for k in kept)))
+            rewards.update(frac_zero_adv_questions=distributed.all_sum(c.n_zero) / max(1.0, distributed.all_sum(c.n_seen)),
+                           sampling_rounds=float(c.rounds), trained_questions=distributed.all_sum(c.trained))
+        if background is not None:  # the next step's generation, overlapped with this step's training
+            gen_next = pending.times.get("gen", 0.0) + pending.times.get("score", 0.0) if pending is not None else 0.0
+            rewards.update(time_gen_hidden_s=max(0.0, gen_next - t_wait), time_gen_wait_s=t_wait,
+                           staleness=float(state["weights_version"] - 1 - c.weights_version))
         rewards.update({k: distributed.all_sum(v) / world for k, v in opd.items()})
         if hasattr(backend, "connection_errors"):  # a generation server: its faults so far (retried)
             rewards.update(server_connection_errors=float(backend.connection_errors),
@@ -151,8 +177,11 @@ def train_steps(cfg: TrainConfig, resume: bool = False):
         log.write_samples(step, sample_records(cfg.log_samples, prompts, dialogues, scored.rewards, dtok)
                           if cfg.log_samples else [])
         bar.set_postfix(reward=f"{rec.get('reward_question', 0.0):.2f}")
-        checkpoint.maybe_save(cfg, step, checkpoint.Run(model, tok, opt, sched), state)
+        checkpoint.maybe_save(cfg, step, checkpoint.Run(model, tok, opt, sched),
+                              state if pending is None else {**state, "pending": lambda: distributed.all_gather_object(pending)})
         yield rec
+    if background is not None:
+        background.shutdown()
     backend.close()
     log.close()
     final = checkpoint.save_final(cfg, model, tok, rebuild=lambda: load_policy(cfg.model, cfg.init, cfg.seed, "cpu")[0])

@@ -99,6 +99,33 @@ class RolloutBatch:
                           token_advantages=self.token_advantages)
 
 
+@dataclass
+class Collected:
+    """Steps 1-3 of one training step on this rank, ready for its training phase: what ``train_steps``'s
+    ``collect`` returns (in the background with ``async_steps=1``; saved with a checkpoint when it is the next
+    step's).
+
+    batch:     the training sequences (RolloutBatch), all sampling rounds
+    aux:       the auxiliary SFT sequences of the step's probes ([(ids, mask)], empty when aux_weight is 0)
+    first:     (prompts, dialogues, scored) of the step's own questions (round 0): the logged rewards and samples
+    rounds:    generation rounds run (dynamic sampling: > 1)
+    n_zero, n_seen: questions whose rollouts carried no advantage / all questions seen (filter_groups)
+    trained:   questions whose rollouts are in the batch
+    times:     wall time of its phases ({"gen": s, "score": s})
+    weights_version: the generator's weight version (syncs done) when its rollouts were generated
+    """
+
+    batch: RolloutBatch
+    aux: list
+    first: tuple
+    rounds: int
+    n_zero: int
+    n_seen: int
+    trained: int
+    times: dict
+    weights_version: int = 0
+
+
 def rollout_batch(dialogues: list[TokenizedDialogue], advantages: torch.Tensor, turn_advantages: list | None,
                   policy_turns: str, mask_truncated: bool = False) -> RolloutBatch:
     """The rollouts as training sequences: the loss on every student turn ("all") or the last ("final");

