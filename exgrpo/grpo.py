@@ -221,6 +221,7 @@ def make_backend(cfg: TrainConfig, model, tok, dtok, fsdp_root=None) -> Generati
                                ServerOptions(api_key_env=cfg.server_api_key_env,
                                              weight_transfer=cfg.server_weight_transfer,
                                              transfer_host=cfg.server_transfer_host))
+        be.collective_gather = cfg.parallel == "fsdp2" and distributed.world() > 1
         be.sync_weights(model)  # the server starts from the policy's weights
         return be
     dev = next(model.parameters()).device

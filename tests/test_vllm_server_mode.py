@@ -261,3 +261,28 @@ def test_async_one_step_off_uses_the_behaviour_policy_and_resumes_exactly(server
     for a, b in zip(got, want):
         for k in ("loss", "reward", "response_tokens", "gen_logp_abs_diff_max", "staleness", "grad_norm"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k, a[k], b[k])
+
+
+@pytest.mark.parametrize("parallel,transfer", [("ddp", "file"), ("fsdp2", "gloo")])
+def test_two_trainer_ranks_generate_on_the_pushed_weights(server, tmp_path, tmp_path_factory, parallel, transfer):
+    """torchrun with 2 gloo ranks against one server: rank 0 pushes (FSDP2: every rank takes part in the gathers)
+    and tags the weight version, the other rank waits for it before generating, so every rank's rollouts come from
+    the current weights (the generator/trainer mismatch stays at float noise on both ranks, every step)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.utils import ei_data
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    s, _, _ = server
+    data = ei_data(tmp_path_factory, limit=6, rules_per_example=2)
+    cmd = _async_cmd(data, s.url, tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *cmd[1:]]
+    cmd = [c for c in cmd if not c.startswith(("async_steps=", "save_every="))] + [
+        f"parallel={parallel}", f"server_weight_transfer={transfer}", "questions_per_step=4"]
+    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=root, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert len(rows) == 3 and all(x["grad_norm"] > 0 for x in rows)
+    assert max(x["gen_logp_abs_diff_max"] for x in rows) < 1e-3, [x["gen_logp_abs_diff_max"] for x in rows]
