@@ -122,10 +122,7 @@ def train_steps(cfg: TrainConfig, resume: bool = False):
     bar = tqdm(range(state["step"], cfg.steps), desc="exgrpo", disable=not (cfg.progress and distributed.is_main()))
     for step in bar:
         t_wall = time.perf_counter()
-        if pending is None:
-            c = collect(step, PhaseTimer(device))
-        else:
-            c = pending.result() if hasattr(pending, "result") else pending
+        c = pending if pending is not None else collect(step, PhaseTimer(device))
         timer = ctx.timer = PhaseTimer(device)
         timer.times.update(c.times)
         nxt = background.submit(collect, step + 1, PhaseTimer(torch.device("cpu"))) \

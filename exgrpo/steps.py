@@ -55,36 +55,21 @@ class StepContext:
     ref_from_adapters_off: bool = False  # LoRA: the reference is the policy with its adapters disabled
     timer: object = None  # a metrics.PhaseTimer receiving the update's phases (ref, old, policy, aux, optim), or None
     activation_offload: bool = False  # the forward's saved tensors to host memory (exgrpo.offload)
-    offload_stats: dict = field(default_factory=dict)  # activation_offload: offloaded / offloaded_bytes /
-    #                                                     host_bytes_peak of the last micro-batch
+    last_offload: OffloadActivations | None = None  # activation_offload: the last micro-batch's hooks (counters)
 
     def phase(self, name: str):
         return self.timer(name) if self.timer is not None else contextlib.nullcontext()
 
     def offload(self):
-        """The micro-batch forward's context: activation offloading when on (its counters land in offload_stats)."""
+        """The micro-batch forward's context: activation offloading when on (kept as last_offload for its counters)."""
         if not self.activation_offload:
             return contextlib.nullcontext()
-        return _Counted(OffloadActivations(), self.offload_stats)
+        self.last_offload = OffloadActivations()
+        return self.last_offload
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                               enabled=self.autocast_dtype is not None)
-
-
-class _Counted:
-    """An OffloadActivations context whose counters are copied into ``stats`` when it exits."""
-
-    def __init__(self, hooks: OffloadActivations, stats: dict):
-        self.hooks, self.stats = hooks, stats
-
-    def __enter__(self):
-        self.hooks.__enter__()
-
-    def __exit__(self, *exc):
-        self.hooks.__exit__(*exc)
-        h = self.hooks
-        self.stats.update(offloaded=h.offloaded, offloaded_bytes=h.offloaded_bytes, host_bytes_peak=h.host_bytes_peak)
 
 
 @dataclass
@@ -458,10 +443,10 @@ def sft_backward(ctx: StepContext, seqs, global_batch: bool = False) -> MicroSta
 def offload_record(ctx: StepContext) -> dict:
     """The metrics of activation offloading (empty when off): the last micro-batch's offloaded tensors and the host
     memory they held at most (GiB)."""
-    if not ctx.activation_offload:
+    h = ctx.last_offload
+    if not ctx.activation_offload or h is None:
         return {}
-    s = ctx.offload_stats
-    return {"offload_tensors": float(s.get("offloaded", 0)), "offload_host_gib": s.get("host_bytes_peak", 0) / 2**30}
+    return {"offload_tensors": float(h.offloaded), "offload_host_gib": h.host_bytes_peak / 2**30}
 
 
 def step_context(cfg, policy, device, ref=None) -> StepContext:

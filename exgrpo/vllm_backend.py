@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from exgrpo import distributed
 from exgrpo.config import SamplingConfig
+from exgrpo.config.schema import WEIGHT_TRANSFERS as TRANSFERS
 from exgrpo.generation import Completion, GenerationBackend
 from exgrpo.model import merged_model, merged_state
 
@@ -64,9 +65,6 @@ class ServerOptions:
             raise ValueError(f"server weight_transfer={self.weight_transfer!r}: expected one of {sorted(TRANSFERS)}")
         if self.transfer_dtype != "auto" and not isinstance(getattr(torch, self.transfer_dtype, None), torch.dtype):
             raise ValueError(f"server transfer_dtype={self.transfer_dtype!r}: expected auto or a torch dtype name")
-
-
-TRANSFERS = ("file", "gloo", "nccl")
 
 
 class VLLMBackend(GenerationBackend):
@@ -249,7 +247,7 @@ class VLLMServerBackend(GenerationBackend):
         """One request; connection errors and 5xx retried with backoff unless ``retry`` is False (a weight-transfer
         step: its peer is inside a collective, so it is never sent twice)."""
         import httpx
-        deadline, wait, err = time.monotonic() + (self.retry_s if retry else 0.0), 0.5, ""
+        deadline, wait, err = time.monotonic() + self.retry_s, 0.5, ""
         while True:
             try:
                 r = self.http.request(method, self.base + path, json=body)

@@ -270,8 +270,15 @@ class PolicySource(WeightSource):
 
     def __init__(self, model, dtype: torch.dtype | None = None, names: set[str] | None = None):
         self.model, self.dtype, self.names = model, dtype, names
+        self._meta = None
 
     def metadata(self) -> list[ParamMeta]:
+        """Computed once (a source is made per push; a 4-bit base needs a dequantizing pass to know its shapes)."""
+        if self._meta is None:
+            self._meta = self._metadata()
+        return self._meta
+
+    def _metadata(self) -> list[ParamMeta]:
         from exgrpo.model import base_causal_lm, is_4bit
         if is_4bit(self.model):  # packed NF4 shapes say nothing: one pass of the dequantized weights
             return [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in self]

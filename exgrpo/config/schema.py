@@ -34,6 +34,7 @@ class GenBackend(str, enum.Enum):
 
 GEN_BACKENDS = tuple(b.value for b in GenBackend)
 PARALLEL = ("ddp", "fsdp2")
+WEIGHT_TRANSFERS = ("file", "gloo", "nccl")  # how server mode's weights reach the server
 PRECISIONS = ("auto", "bf16", "fp32")
 TRAIN_MODES = ("dialogue", "independent", "direct", "opd")
 
@@ -315,7 +316,7 @@ class TrainConfig:
         _one_of("TrainConfig", "policy_turns", self.policy_turns, ("all", "final"))
         _one_of("TrainConfig", "advantage_groups", self.advantage_groups, ("question", "scenario"))
         _one_of("TrainConfig", "backend", self.backend, GEN_BACKENDS)
-        _one_of("TrainConfig", "server_weight_transfer", self.server_weight_transfer, ("file", "gloo", "nccl"))
+        _one_of("TrainConfig", "server_weight_transfer", self.server_weight_transfer, WEIGHT_TRANSFERS)
         if self.async_steps not in (0, 1):
             raise ValueError(f"TrainConfig.async_steps must be 0 or 1 (one step off), got {self.async_steps}")
         if self.async_steps and self.backend != "vllm-server":
