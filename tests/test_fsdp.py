@@ -62,6 +62,14 @@ def test_two_ranks_equal_one_rank(data, tmp_path, par, tie, lora, memory):
     assert set(a["grpo_weights"]) == set(b["grpo_weights"])
     for k, v in a["grpo_weights"].items():
         assert torch.allclose(v, b["grpo_weights"][k], atol=2e-5), k
+    # the weight stream a generator syncs from: one rank's names in its order, its values (LoRA merged); under FSDP2
+    # gathered one tensor at a time, never holding an earlier one (no full state dict on a rank)
+    assert [n for n, _ in a["stream"]] == [n for n, _ in b["stream"]] and len(a["stream"]) > 10
+    assert not any("lora_" in n or "base_layer" in n for n, _ in b["stream"])
+    for (n, x), (_, y) in zip(a["stream"], b["stream"]):
+        assert torch.allclose(x, y, atol=2e-5), n
+    if par == "fsdp2":
+        assert b["stream_held_bytes"] == 0
 
 
 def test_fsdp2_kill_and_resume_matches(data, tmp_path):

@@ -136,3 +136,27 @@ def test_eval_through_vllm_agrees_with_transformers(tmp_path):
                  "backend=vllm", f"out={out}"]) == 0
     res = json.load(open(out))
     assert set(res) == {"arithmetic_forward", "arithmetic_reversal"} and all(v["n"] == 4 for v in res.values())
+
+
+@pytest.mark.parametrize("parallel,lora", [("ddp", 0), ("fsdp2", 4)], ids=["ddp", "fsdp2-lora"])
+def test_two_ranks_each_with_its_own_engine(tmp_path, tmp_path_factory, parallel, lora):
+    """torchrun with 2 gloo ranks, each with a colocated engine (vLLM's external_launcher: one engine per rank on
+    its rank's prompts), started with placeholder weights and synced from the policy, then after every step; under
+    FSDP2 every rank gathers the shards collectively (LoRA merged). The generator/trainer mismatch stays at float
+    noise on every step while the weights move, the run finishes, and the final folder is written."""
+    from tests.utils import ei_data
+    data = ei_data(tmp_path_factory, limit=6, rules_per_example=2)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "exgrpo",
+           "train", f"data={data}", "init=none", "model.hidden_size=128", "model.intermediate_size=256",
+           "model.num_layers=2", "model.head_dim=64", "steps=3", "questions_per_step=4", "G=2", "k=2", "k_partial=1",
+           "sampling.max_new_tokens=8", "backend=vllm", "progress=false", "aux_weight=0", "log_samples=0",
+           "optim.lr=3e-3", "optim.warmup_steps=0", f"out_dir={out}", "rewards=tests.test_trainer:token_parity",
+           f"parallel={parallel}", f"model.lora_rank={lora}"]
+    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert len(rows) == 3 and all(x["grad_norm"] > 0 for x in rows)
+    assert max(x["gen_logp_abs_diff_max"] for x in rows) < 1e-3, [x["gen_logp_abs_diff_max"] for x in rows]
+    assert os.path.exists(out / "final" / "config.json")

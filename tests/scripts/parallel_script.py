@@ -1,9 +1,11 @@
 """Run under torchrun (or alone): SFT steps and one GRPO update on fixed global batches with parallel=<ddp|fsdp2>;
-rank 0 writes the losses and the final weights to OUT/result.pt. argv: data out parallel tie lora [memory], memory:
+rank 0 writes the losses, the final weights and the generator's weight stream (``merged_state``) to OUT/result.pt.
+argv: data out parallel tie lora [memory], memory:
 "ckpt" (gradient checkpointing) or "offload" (checkpointing + activation offloading, host copies forced on the CPU)."""
 import json
 import os
 import sys
+import weakref
 
 import torch
 
@@ -12,7 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from exgrpo import distributed  # noqa: E402
 from exgrpo.checkpoint import full_state_dict  # noqa: E402
 from exgrpo.config import ModelConfig, OptimConfig, SFTConfig, TrainConfig  # noqa: E402
-from exgrpo.model import PolicyHidden, build_student  # noqa: E402
+from exgrpo.model import PolicyHidden, build_student, merged_state  # noqa: E402
 from exgrpo.optim import NonFiniteGuard, make_optimizer, optimizer_step  # noqa: E402
 from exgrpo.rollouts import RolloutBatch  # noqa: E402
 from exgrpo.sft import sft  # noqa: E402
@@ -51,12 +53,21 @@ def main(data, out, par, tie, lora, memory=""):
     m = grpo_update(ctx, batch.inputs(), [], cfg.loss.replace(beta=0.0),
                     lambda ok: optimizer_step(model, opt, sched, cfg.optim, ok, NonFiniteGuard(5))).record()
     weights = full_state_dict(model) if par == "fsdp2" else {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # the generator's weight stream (what a colocated vLLM's sync reads): names, merged values, and the bytes of
+    # earlier yielded tensors still alive when the next one is drawn (FSDP2: each is a fresh gather; none should be)
+    stream, held, alive = [], 0, []
+    for name, t in merged_state(model):
+        held = max(held, sum(r().numel() * r().element_size() for r in alive if r() is not None))
+        alive.append(weakref.ref(t))
+        stream.append((name, t.clone()))
+        del t
     if distributed.is_main():
         rows = [json.loads(x) for x in open(os.path.join(out, "sft", "metrics.jsonl"))]
         sft_losses = [x["loss"] for x in rows]
         torch.save({"sft_final": r["final"], "grpo_loss": m["loss"], "sft_losses": sft_losses,
                     "offload_tensors": [x.get("offload_tensors", 0) for x in rows],
-                    "grpo_weights": {k: v.detach().clone() for k, v in weights.items()}}, os.path.join(out, "result.pt"))
+                    "grpo_weights": {k: v.detach().clone() for k, v in weights.items()},
+                    "stream": stream, "stream_held_bytes": held}, os.path.join(out, "result.pt"))
     distributed.barrier()
     distributed.close()
 
