@@ -19,7 +19,7 @@ Writes results.json, results.csv and results.png into --out (default bench/resul
 warm-up push, which for gloo joins the process group) to a loopback ``vllm serve`` by each path, ``file``
 (safetensors under /dev/shm + the workers' reload) and ``gloo`` (a process group with the server's workers,
 bucketed broadcasts), into server_sync.json. ``--async-overlap N`` times N steps of ours in server mode with
-``async_steps`` 0 and 1 (the next step's rollouts generated while this one trains) into the same file.
+``async_steps`` 0, 1 and 2 (the next steps' rollouts generated while this one trains) into the same file.
 ``--skip-race`` runs only those.
 """
 from __future__ import annotations
@@ -302,21 +302,35 @@ def server_sync(url: str, model_dir: str, repeats: int) -> dict:
     return out
 
 
+ASYNC_STEPS = (0, 1, 2)
+
+
 def async_overlap(url: str, p: dict, root: str, model_dir: str, data: str, steps: int) -> dict:
-    """Our step in server mode (gloo push) with async_steps 0 and 1, one after the other in this run: median wall
-    time per step and generated tokens per second (the first step of each is a warm-up)."""
+    """Our step in server mode (gloo push) with async_steps 0, 1 and 2, one after the other in this run, each for
+    ``steps`` + 1 steps. The throughput compared is the whole run's: trained tokens over the summed step wall time,
+    every step counted (an async run fills its pipeline in the first steps and drains it in the last n, which then
+    only train: a median step would credit it with work done earlier); the median step after the first is kept
+    beside it, with every step's record."""
     import dataclasses
     out = {}
-    for a in (0, 1):
+    for a in ASYNC_STEPS:
         cfg = dataclasses.replace(_ours_config(p, root, model_dir, data, steps + 1), backend="vllm-server",
                                   server_url=url, server_model="student", server_weight_transfer="gloo",
                                   async_steps=a, out_dir=os.path.join(root, f"async{a}"))
-        rows = list(train_steps(cfg))[1:]
+        every = list(train_steps(cfg))
+        rows = every[1:]
         med = lambda k: statistics.median(r.get(k, 0.0) for r in rows)
-        out[f"async_steps={a}"] = {"step_s": med("time_step_s"), "tokens_per_s": med("tokens_per_s"),
-                                   "gen_s": med("time_gen_s"), "train_s": med("time_policy_s") + med("time_ref_s"),
-                                   "gen_hidden_s": med("time_gen_hidden_s"), "steps": len(rows)}
-    out["throughput_ratio"] = out["async_steps=1"]["tokens_per_s"] / out["async_steps=0"]["tokens_per_s"]
+        total_s = sum(r["time_step_s"] for r in every)
+        out[f"async_steps={a}"] = {
+            "tokens_per_s": sum(r["tokens_per_s"] * r["time_step_s"] for r in every) / total_s, "total_s": total_s,
+            "step_s": med("time_step_s"), "median_tokens_per_s": med("tokens_per_s"), "gen_s": med("time_gen_s"),
+            "train_s": med("time_policy_s") + med("time_ref_s"), "gen_hidden_s": med("time_gen_hidden_s"),
+            "steps": len(every),
+            "per_step": [{k: r.get(k) for k in ("time_step_s", "tokens_per_s", "time_gen_s", "time_gen_wait_s",
+                                                 "time_gen_hidden_s", "time_sync_s", "staleness")} for r in every]}
+    for a in ASYNC_STEPS[1:]:
+        out[f"throughput_ratio_{a}"] = out[f"async_steps={a}"]["tokens_per_s"] / out["async_steps=0"]["tokens_per_s"]
+    out["throughput_ratio"] = out["throughput_ratio_1"]
     return out
 
 
@@ -335,7 +349,7 @@ def main(argv=None):
     ap.add_argument("--server-sync", type=int, default=0, metavar="N",
                     help="also time N weight pushes to a loopback vLLM server per path (file, gloo)")
     ap.add_argument("--async-overlap", type=int, default=0, metavar="N",
-                    help="also time N steps of ours in server mode with async_steps 0 and 1 (vLLM installed)")
+                    help="also time N steps of ours in server mode with async_steps 0, 1, 2 (vLLM installed)")
     ap.add_argument("--skip-race", action="store_true", help="with --server-sync / --async-overlap: only those")
     a = ap.parse_args(argv)
     if a.skip_race and not (a.server_sync or a.async_overlap):
@@ -377,17 +391,23 @@ def main(argv=None):
     out = a.out or os.path.join("bench", "results", f"e2e-{a.preset}")
     if sync or overlap:
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "server_sync.json"), "w") as f:
+        path = os.path.join(out, "server_sync.json")
+        old = json.load(open(path)) if os.path.exists(path) else {}  # a part not measured now keeps its last figures
+        if old.get("config") == p:
+            sync, overlap = sync or old.get("server_sync"), overlap or old.get("async_overlap")
+        with open(path + ".tmp", "w") as f:
             json.dump({"title": f"{a.preset}: {shape}; server mode against a loopback vllm serve", "config": p,
                        "environment": {**environment(device), **_versions()}, "server_sync": sync,
                        "async_overlap": overlap}, f, indent=1)
+        os.replace(path + ".tmp", path)
         if sync:
             print("server push: " + ", ".join(f"{k} {sync[k]['push_s']:.3f} s ({sync[k]['push_mb']:.0f} MB)"
                                               for k in ("file", "gloo")))
         if overlap:
-            print("server mode step: " + ", ".join(f"{k} {v['step_s']:.2f} s, {v['tokens_per_s']:.0f} tok/s"
+            print("server mode run: " + ", ".join(f"{k} {v['total_s']:.1f} s, {v['tokens_per_s']:.0f} tok/s"
                                                    for k, v in overlap.items() if k.startswith("async")) +
-                  f"; async throughput {overlap['throughput_ratio']:.2f}x")
+                  "; async throughput " + ", ".join(f"{overlap[f'throughput_ratio_{k}']:.2f}x (async_steps={k})"
+                                                     for k in ASYNC_STEPS[1:]))
         print(f"wrote {out}/server_sync.json")
         if a.skip_race:
             return {"server_sync": sync, "async_overlap": overlap}

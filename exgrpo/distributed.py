@@ -96,6 +96,15 @@ def barrier():
         dist.barrier()
 
 
+def side_barrier():
+    """A barrier over a gloo group of its own, for a thread that runs beside the trainer's collectives (the
+    generation thread of ``async_steps``); None on one rank. Every rank creates it at the same point."""
+    if world() == 1:
+        return None
+    group = dist.new_group(backend="gloo")
+    return lambda: dist.barrier(group=group)
+
+
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import importlib.util
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -81,7 +82,7 @@ def train_steps(cfg: TrainConfig, resume: bool = False):
         if cfg.filter_groups == "resample":  # the rest, in a fixed order after the step's own questions
             order += rng.sample(sorted(set(range(len(questions))) - set(order)), len(questions) - len(order))
         share = len(order[:cfg.questions_per_step][rank::world])  # this rank's questions in the step
-        kept, n_zero, n_seen, version = [], 0, 0, state.get("weights_version", 0)
+        kept, n_zero, n_seen, version = [], 0, 0, gen_version[0]
         for rnd in range(cfg.filter_max_rounds if cfg.filter_groups == "resample" else 1):
             picked = order[rnd * cfg.questions_per_step:(rnd + 1) * cfg.questions_per_step][rank::world]
             plan = [scenarios(questions[i], cfg, random.Random(f"{cfg.seed}-{step}-{i}")) for i in picked]
@@ -115,18 +116,37 @@ def train_steps(cfg: TrainConfig, resume: bool = False):
         return Collected(batch, aux, first, rnd + 1, n_zero, n_seen, sum(len(k[0]) for k in kept), timer.times,
                          version)
 
-    # async_steps=1: step t+1's rollouts are generated (by the server, on the weights of step t) while step t trains
+    # async_steps=n (server mode): the rollouts of the next n steps are generated in a background thread while
+    # this one trains; each step's push is queued behind them in the same thread, so the rollouts of step s are
+    # generated on the weights after step s - n (staleness n; the first n steps' on the start's), never a mix
     background = ThreadPoolExecutor(max_workers=1) if cfg.async_steps else None
-    pending = state.pop("pending", None)  # a resumed async run: the next step's rollouts, saved with the checkpoint
-    pending = pending[rank] if pending is not None else None
+    barrier = distributed.side_barrier() if background is not None else None
+    gen_version = [state.get("weights_version", 0)]  # the weights the generator holds (its pushes run in order)
+    ahead = deque()  # futures of collect(s) for the steps after this one, in order
+    for c in _saved_rollouts(state.pop("pending", None), rank):  # a resumed async run: saved with the checkpoint
+        ahead.append(Future())
+        ahead[-1].set_result(c)
+    push = None  # the last queued push
+
+    def collect_after(pushed, step):  # in the background thread: a push that failed fails the rollouts behind it
+        if pushed is not None:
+            pushed.result()
+        return collect(step, PhaseTimer(torch.device("cpu")))
+
+    def push_staged(staged, version: int):
+        backend.push(staged, barrier)
+        gen_version[0] = version
+
     bar = tqdm(range(state["step"], cfg.steps), desc="exgrpo", disable=not (cfg.progress and distributed.is_main()))
     for step in bar:
         t_wall = time.perf_counter()
-        c = pending if pending is not None else collect(step, PhaseTimer(device))
+        generated_ahead = bool(ahead)
+        c = ahead.popleft().result() if generated_ahead else collect(step, PhaseTimer(device))
+        t_wait = time.perf_counter() - t_wall if generated_ahead else 0.0
+        while background is not None and step + len(ahead) < min(step + cfg.async_steps, cfg.steps - 1):
+            ahead.append(background.submit(collect_after, push, step + len(ahead) + 1))
         timer = ctx.timer = PhaseTimer(device)
         timer.times.update(c.times)
-        nxt = background.submit(collect, step + 1, PhaseTimer(torch.device("cpu"))) \
-            if background is not None and step + 1 < cfg.steps else None
         batch, aux, (prompts, dialogues, scored) = c.batch, c.aux, c.first
         opd = {}
         if teacher is not None:  # ---- on-policy distillation: the teacher scores every sampled token
@@ -140,11 +160,12 @@ def train_steps(cfg: TrainConfig, resume: bool = False):
         upd = grpo_update(ctx, batch.inputs(), aux, cfg.loss,
                           lambda ok: optimizer_step(model, opt, sched, cfg.optim, ok, guard),
                           aux_weight=cfg.aux_weight, updates=cfg.updates_per_batch)
-        t_wait = time.perf_counter()
-        pending = nxt.result() if nxt is not None else None  # its rollouts are all on the old weights: now sync
-        t_wait = time.perf_counter() - t_wait
-        with timer("sync"):
-            backend.sync_weights(model)
+        with timer("sync"):  # async: only the copy of the weights here; the push runs behind the queued rollouts
+            if background is None:
+                backend.sync_weights(model)
+                gen_version[0] += 1
+            else:
+                push = background.submit(push_staged, backend.stage(model), state.get("weights_version", 0) + 1)
         state.update(step=step + 1, nonfinite=guard.count, weights_version=state.get("weights_version", 0) + 1)
         # ---- 5. metrics, samples, evaluation and checkpoints
         n_tok = distributed.all_sum(sum(int(m.sum()) for m in batch.mask))
@@ -154,10 +175,10 @@ def train_steps(cfg: TrainConfig, resume: bool = False):
         if cfg.filter_groups != "off":
             rewards.update(frac_zero_adv_questions=distributed.all_sum(c.n_zero) / max(1.0, distributed.all_sum(c.n_seen)),
                            sampling_rounds=float(c.rounds), trained_questions=distributed.all_sum(c.trained))
-        if background is not None:  # the next step's generation, overlapped with this step's training
-            gen_next = pending.times.get("gen", 0.0) + pending.times.get("score", 0.0) if pending is not None else 0.0
-            rewards.update(time_gen_hidden_s=max(0.0, gen_next - t_wait), time_gen_wait_s=t_wait,
-                           staleness=float(state["weights_version"] - 1 - c.weights_version))
+        if background is not None:  # this step's rollouts, generated while earlier steps trained
+            gen = c.times.get("gen", 0.0) + c.times.get("score", 0.0) if generated_ahead else 0.0
+            rewards.update(time_gen_hidden_s=max(0.0, gen - t_wait), time_gen_wait_s=t_wait,
+                           staleness=global_mean([float(state["weights_version"] - 1 - c.weights_version)]))
         rewards.update({k: distributed.all_sum(v) / world for k, v in opd.items()})
         if hasattr(backend, "connection_errors"):  # a generation server: its faults so far (retried)
             rewards.update(server_connection_errors=float(backend.connection_errors),
@@ -167,6 +188,8 @@ def train_steps(cfg: TrainConfig, resume: bool = False):
                "tokens_per_s": n_tok / t_step, "time_step_s": t_step, **timer.record(),
                "lr": sched.get_last_lr()[0], "peak_mem_gib": peak_memory_gib(device), **offload_record(ctx)}
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            if push is not None:  # the generator on this step's weights, nothing else in flight
+                push.result()
             with timer("eval"):
                 rec.update(_evaluation(model, tok, held_out, cfg, backend))
             rec["time_eval_s"] = timer.times["eval"]
@@ -174,15 +197,27 @@ def train_steps(cfg: TrainConfig, resume: bool = False):
         log.write_samples(step, sample_records(cfg.log_samples, prompts, dialogues, scored.rewards, dtok)
                           if cfg.log_samples else [])
         bar.set_postfix(reward=f"{rec.get('reward_question', 0.0):.2f}")
-        checkpoint.maybe_save(cfg, step, checkpoint.Run(model, tok, opt, sched),
-                              state if pending is None else {**state, "pending": lambda: distributed.all_gather_object(pending)})
+        checkpoint.maybe_save(cfg, step, checkpoint.Run(model, tok, opt, sched),  # with the rollouts generated ahead
+                              {**state, "pending": lambda: distributed.all_gather_object([f.result() for f in ahead])}
+                              if ahead else state)
         yield rec
     if background is not None:
         background.shutdown()
+        if push is not None:
+            push.result()  # the last push's error, if any
     log.close()
     final = checkpoint.save_final(cfg, model, tok, rebuild=lambda: load_policy(cfg.model, cfg.init, cfg.seed, "cpu")[0])
     backend.close()  # last: under torchrun a colocated vLLM's shutdown ends the process group
     return {"steps": cfg.steps, "final": final}
+
+
+def _saved_rollouts(pending, rank: int) -> list:
+    """This rank's rollouts saved with an async checkpoint (every rank's list, in rank order; a run of async_steps=1
+    saved one Collected per rank)."""
+    if pending is None:
+        return []
+    mine = pending[rank]
+    return list(mine) if isinstance(mine, (list, tuple)) else [mine]
 
 
 def _evaluation(model, tok, examples, cfg: TrainConfig, backend) -> dict:
@@ -221,6 +256,7 @@ def make_backend(cfg: TrainConfig, model, tok, dtok, fsdp_root=None) -> Generati
                                              weight_transfer=cfg.server_weight_transfer,
                                              transfer_host=cfg.server_transfer_host))
         be.collective_gather = cfg.parallel == "fsdp2" and distributed.world() > 1
+        be.keep_staged = cfg.async_steps > 0  # the model moves on while pushes wait: push from copies
         be.sync_weights(model)  # the server starts from the policy's weights
         return be
     dev = next(model.parameters()).device

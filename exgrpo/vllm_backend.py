@@ -68,6 +68,19 @@ class ServerOptions:
             raise ValueError(f"server transfer_dtype={self.transfer_dtype!r}: expected auto or a torch dtype name")
 
 
+@dataclass
+class StagedWeights:
+    """The policy's weights copied aside after a step, for a push that runs later (``VLLMServerBackend.stage`` /
+    ``push``: ``async_steps``). Rank 0 holds them: a versioned safetensors folder (``file``) or host tensors
+    (``gloo`` / ``nccl``, with the names of the layers LoRA touched); other ranks hold only the version."""
+
+    version: int
+    folder: str | None = None
+    tensors: dict | None = None
+    touched: set | None = None
+    nbytes: int = 0
+
+
 class VLLMBackend(GenerationBackend):
     name = "vllm"
 
@@ -241,7 +254,13 @@ class VLLMServerBackend(GenerationBackend):
     before anything is generated, and a generation call during which the connection was lost is redone whole after
     the re-push, so a step's rollouts never mix weight versions (``restarts`` counts the re-pushes). Under torchrun
     rank 0 pushes and the other ranks wait for the version (FSDP2: they take part in the gathers; a re-push there
-    needs every rank, so a restart mid-run is an error naming --resume).
+    needs every rank, so a restart mid-run is an error naming --resume, except with ``keep_staged``). A push that
+    fails (the server restarted mid-push) is sent again, whole, over a new group, up to 3 times.
+
+    ``stage`` / ``push`` (``async_steps``): the weights are copied aside after a step and sent later from the
+    generation thread, behind the rollouts already asked for; with ``keep_staged`` every push, the first included,
+    is sent from such a copy, so a re-push after a restart sends the version the server had (rank 0 alone, FSDP2
+    too), not the trainer's newer weights.
     """
 
     name = "vllm-server"
@@ -263,7 +282,9 @@ class VLLMServerBackend(GenerationBackend):
         self.restarts = self.connection_errors = 0  # re-pushes after a lost connection; failed requests
         self.last_push_bytes, self.last_push_s = 0, 0.0
         self._version = 0  # pushes so far: the weight version the server is told after each
+        self._staged = 0  # the version of the last weights staged (stage / push: async_steps)
         self.collective_gather = False  # FSDP2 over several ranks: a push needs every rank (no lone re-push)
+        self.keep_staged = False  # every push from a copy (async_steps: the model moves on while rollouts generate)
 
     def _post(self, path, body=None, ok=(200,), retry=True, method="POST"):
         """One request; connection errors and 5xx retried with backoff unless ``retry`` is False (a weight-transfer
@@ -312,13 +333,13 @@ class VLLMServerBackend(GenerationBackend):
         if distributed.world() > 1 and not distributed.is_main():
             self._wait_for_version()
             return
-        if self.collective_gather:
+        if self.collective_gather and not isinstance(self._pushed, StagedWeights):  # a copy: rank 0 alone sends it
             raise RuntimeError(f"vLLM server {self.base} lost its weights (restarted?) during an FSDP2 run of "
                                f"{distributed.world()} ranks: rank 0 cannot gather them alone; resume the run from its "
                                f"last checkpoint (--resume)")
         self._xfer = None
         self.restarts += 1
-        self._push(self._pushed)
+        self._push_retrying(self._pushed)
 
     def _wait_for_version(self) -> None:
         deadline = time.monotonic() + self.retry_s
@@ -347,7 +368,11 @@ class VLLMServerBackend(GenerationBackend):
         """Rank 0 pushes the weights and tags them with the next weight version; under torchrun every other rank
         takes part in the gathers (FSDP2) and waits until the server reports that version, so that no rank
         generates on older weights."""
+        if self.keep_staged:
+            self.push(self.stage(model))
+            return
         self._version += 1
+        self._staged = self._version
         self._pushed = model
         if distributed.world() > 1 and not distributed.is_main():
             for _ in merged_state(model):  # FSDP2's gathers are collective: every rank iterates
@@ -355,25 +380,85 @@ class VLLMServerBackend(GenerationBackend):
             self._wait_for_version()
             return
         self._lost = False
-        self._push(model)
+        self._push_retrying(model)
 
-    def _push(self, model) -> None:
+    def stage(self, model) -> StagedWeights:
+        """Copy the policy's current weights aside for ``push`` to send later, while the trainer trains on
+        (``async_steps``): rank 0 writes them to a folder of their own (``file``) or keeps host copies (``gloo`` /
+        ``nccl``); under FSDP2 every rank takes part in the gathers. A push not yet sent holds one host copy."""
+        self._staged += 1
+        if distributed.world() > 1 and not distributed.is_main():
+            if self.collective_gather:
+                for _ in merged_state(model):  # FSDP2's gathers are collective: every rank iterates
+                    pass
+            return StagedWeights(self._staged)
+        sd = {k: v.to("cpu", self._wire_dtype or v.dtype, copy=True).contiguous() for k, v in merged_state(model)}
+        nbytes = sum(v.numel() * v.element_size() for v in sd.values())
+        if self.options.weight_transfer == "file":
+            folder = os.path.join(self.weights_dir, f"v{self._staged:08d}")
+            os.makedirs(folder, exist_ok=True)
+            save_file(sd, os.path.join(folder, "model.safetensors.tmp"))
+            os.replace(os.path.join(folder, "model.safetensors.tmp"), os.path.join(folder, "model.safetensors"))
+            return StagedWeights(self._staged, folder=folder, nbytes=nbytes)
+        from exgrpo.weight_transfer import touched_groups
+        return StagedWeights(self._staged, tensors=sd, touched=touched_groups(model), nbytes=nbytes)
+
+    def push(self, staged: StagedWeights, barrier=None) -> None:
+        """Send weights ``stage`` copied and tag the server with their version (from a generation thread, after the
+        rollouts generated on the previous version). ``barrier``: called by every rank before and after (a process
+        group of the ranks' generation threads), so that no rank's generation straddles the push."""
+        if barrier is not None:
+            barrier()
+        self._version = staged.version
+        if distributed.is_main():
+            self._pushed, self._lost = staged, False
+            self._push_retrying(staged)
+        if barrier is not None:
+            barrier()
+
+    def _push_retrying(self, src, attempts: int = 3) -> None:
+        """``_push``, again after a failure (a server restarted mid-push: its group is gone, so a new one is joined
+        and everything is sent); the last failure is raised."""
+        for i in range(attempts):
+            try:
+                return self._push(src)
+            except (RuntimeError, OSError):
+                if i == attempts - 1:
+                    raise
+                self._xfer, self._lost = None, False
+                self.restarts += 1
+
+    @property
+    def _wire_dtype(self):
+        return None if self.options.transfer_dtype == "auto" else getattr(torch, self.options.transfer_dtype)
+
+    def _push(self, src) -> None:
+        """Send ``src``: the model itself (streamed) or ``StagedWeights``."""
         t0 = time.perf_counter()
         o = self.options
-        dtype = None if o.transfer_dtype == "auto" else getattr(torch, o.transfer_dtype)
+        dtype = self._wire_dtype
+        staged = isinstance(src, StagedWeights)
         if o.weight_transfer == "file":
-            sd = {k: v.to("cpu", dtype or v.dtype, copy=True).contiguous() for k, v in merged_state(model)}
-            tmp = os.path.join(self.weights_dir, "model.safetensors.tmp")
-            save_file(sd, tmp)
-            os.replace(tmp, os.path.join(self.weights_dir, "model.safetensors"))
-            self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": self.weights_dir}})
-            self.last_push_bytes = sum(v.numel() * v.element_size() for v in sd.values())
+            folder = src.folder if staged else self.weights_dir
+            if not staged:
+                sd = {k: v.to("cpu", dtype or v.dtype, copy=True).contiguous() for k, v in merged_state(src)}
+                save_file(sd, os.path.join(folder, "model.safetensors.tmp"))
+                os.replace(os.path.join(folder, "model.safetensors.tmp"), os.path.join(folder, "model.safetensors"))
+            self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": folder}})
+            self.last_push_bytes = src.nbytes if staged else sum(v.numel() * v.element_size() for v in sd.values())
+            if staged:  # the versions before this one are no longer needed (a re-push after a restart sends this)
+                for d in os.listdir(self.weights_dir):
+                    if d.startswith("v") and d < os.path.basename(folder):
+                        shutil.rmtree(os.path.join(self.weights_dir, d), ignore_errors=True)
         else:
-            from exgrpo.weight_transfer import PolicySource, touched_groups
+            from exgrpo.weight_transfer import PolicySource, SnapshotSource, touched_groups
             full = self._xfer is None  # a new group: the server may hold anything (its start, or a restart)
+            if staged:
+                src = SnapshotSource(src.tensors, None if full else src.touched)
+            else:
+                src = PolicySource(src, dtype, None if full else touched_groups(src))
             if full:
-                self._xfer = self._join(model)
-            src = PolicySource(model, dtype, None if full else touched_groups(model))
+                self._xfer = self._join(src)
             self._xfer.source = src
             try:
                 self._xfer.send_weights()
@@ -385,9 +470,9 @@ class VLLMServerBackend(GenerationBackend):
         self._post("/update_weight_version", {"new_version": str(self._version)}, ok=(200, 404))
         self.last_push_s = time.perf_counter() - t0
 
-    def _join(self, model):
+    def _join(self, source):
         """Join a process group with the server's workers (rank 0 here, the workers after) for ``gloo`` / ``nccl``."""
-        from exgrpo.weight_transfer import PolicySource, free_port
+        from exgrpo.weight_transfer import free_port
         o = self.options
         workers = int(self._post("/get_world_size", method="GET")["world_size"])
         port = free_port(o.transfer_host)
@@ -396,7 +481,7 @@ class VLLMServerBackend(GenerationBackend):
             from vllm.distributed.weight_transfer.nccl_engine import (NCCLTrainerInitInfo,
                                                                       NCCLTrainerWeightTransferEngine)
             info = NCCLTrainerInitInfo(o.transfer_host, port, 1 + workers, rank=0)
-            return NCCLTrainerWeightTransferEngine.trainer_init(info, client=client, source=PolicySource(model))
+            return NCCLTrainerWeightTransferEngine.trainer_init(info, client=client, source=source)
         from exgrpo.weight_transfer import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine
         info = GlooTrainerInitInfo(o.transfer_host, port, 1 + workers, bucket_bytes=o.transfer_bucket_mb << 20,
                                    timeout_s=o.timeout_s, rank=0)

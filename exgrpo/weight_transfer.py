@@ -297,3 +297,19 @@ class PolicySource(WeightSource):
         for name, t in merged_state(self.model):
             if self.names is None or name in self.names:
                 yield name, t if self.dtype is None else t.to(self.dtype)
+
+
+class SnapshotSource(WeightSource):
+    """Staged weights for a push that runs after the trainer has moved on (``async_steps``): Hugging Face names to
+    host tensors (copies, merged), restricted to ``names`` (None: all)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], names: set[str] | None = None):
+        self.tensors, self.names = tensors, names
+
+    def metadata(self) -> list[ParamMeta]:
+        return [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in self]
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for n, t in self.tensors.items():
+            if self.names is None or n in self.names:
+                yield n, t

@@ -142,12 +142,12 @@ def test_exgrpo_step_in_server_mode(server, tmp_path):
     assert len(m) == 2 and max(x["gen_logp_abs_diff_max"] for x in m) < 1e-3  # the server has the trainer's weights
 
 
-def _train_cfg(data, tmp_path, url, name, transfer="file"):
+def _train_cfg(data, tmp_path, url, name, transfer="file", async_steps=0):
     from exgrpo.config import TrainConfig
     return TrainConfig(data=data, init=None, model=TINY, out_dir=str(tmp_path / name), steps=3, questions_per_step=2,
                        G=2, k=2, k_partial=1, sampling=SamplingConfig(max_new_tokens=8), backend="vllm-server",
                        server_url=url, server_model="student", progress=False, aux_weight=0.0, log_samples=0,
-                       server_weight_transfer=transfer)
+                       server_weight_transfer=transfer, async_steps=async_steps)
 
 
 def test_a_server_with_an_api_key_refuses_a_client_without_it(tmp_path, monkeypatch):
@@ -169,10 +169,13 @@ def test_a_server_with_an_api_key_refuses_a_client_without_it(tmp_path, monkeypa
         s.kill()
 
 
-def test_a_run_survives_a_server_restart(server, tmp_path, tmp_path_factory):
+@pytest.mark.parametrize("n", [0, 2], ids=["sync", "async2"])
+def test_a_run_survives_a_server_restart(server, tmp_path, tmp_path_factory, n):
     """The server is killed after the run's first step and started again (its original weights, no process group):
     the client retries until it is back, joins a new group, re-pushes the current weights, regenerates the step's
-    rollouts, and the run's metrics equal an uninterrupted run's (which pushed by file: the two paths agree)."""
+    rollouts, and the run's metrics equal an uninterrupted run's (which pushed by file: the two paths agree). With
+    async_steps=2 the restart lands while the generation thread generates or pushes ahead: what it re-pushes is
+    the copy of the version it was on (the trainer has moved on), or the push it was sending, again."""
     import threading
     import time
 
@@ -180,7 +183,7 @@ def test_a_run_survives_a_server_restart(server, tmp_path, tmp_path_factory):
     from tests.utils import ei_data
     s, _, _ = server
     data = ei_data(tmp_path_factory, limit=6, rules_per_example=2)
-    train(_train_cfg(data, tmp_path, s.url, "plain"))
+    train(_train_cfg(data, tmp_path, s.url, "plain", async_steps=n))
     metrics = tmp_path / "restarted" / "metrics.jsonl"
 
     def kill_after_first_step():
@@ -189,7 +192,7 @@ def test_a_run_survives_a_server_restart(server, tmp_path, tmp_path_factory):
         s.restart()
     t = threading.Thread(target=kill_after_first_step, daemon=True)
     t.start()
-    train(_train_cfg(data, tmp_path, s.url, "restarted", transfer="gloo"))
+    train(_train_cfg(data, tmp_path, s.url, "restarted", transfer="gloo", async_steps=n))
     t.join(timeout=600)
     a = [json.loads(x) for x in open(tmp_path / "plain" / "metrics.jsonl")]
     b = [json.loads(x) for x in open(metrics)]
@@ -211,10 +214,12 @@ def _async_cmd(data, url, out, steps=3):
             "rewards=tests.test_trainer:token_parity"]  # rewards that vary across a random model's samples
 
 
-def test_async_one_step_off_uses_the_behaviour_policy_and_resumes_exactly(server, tmp_path, tmp_path_factory):
-    """async_steps=1 on the loopback server: step t+1's rollouts are generated while step t trains, on step t's
-    weights (staleness 1); the log-probs the loss corrects with are that (behaviour) policy's: the next step's
-    rollouts saved with the checkpoint after step 1 have the log-probs of the policy after step 0, not of the one
+@pytest.mark.parametrize("n", [1, 2])
+def test_async_steps_use_the_behaviour_policy_and_resume_exactly(server, tmp_path, tmp_path_factory, n):
+    """async_steps=n on the loopback server: the rollouts of the next n steps are generated while a step trains,
+    step s's on the weights after step s - n (staleness 0, 1, .., n, n: the first steps' on the start's); the
+    log-probs the loss corrects with are that (behaviour) policy's: the newest rollouts saved with the checkpoint
+    after step 1 (generated after the first push) have the log-probs of the policy after step 0, not of the one
     after step 1. A run SIGKILLed after its second checkpoint and resumed equals the uninterrupted run."""
     import os
     import signal
@@ -228,13 +233,17 @@ def test_async_one_step_off_uses_the_behaviour_policy_and_resumes_exactly(server
     data = ei_data(tmp_path_factory, limit=6, rules_per_example=2)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ref = tmp_path / "ref"
-    r = subprocess.run(_async_cmd(data, s.url, ref), env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    steps = n + 2
+    cmd = [x for x in _async_cmd(data, s.url, ref, steps=steps) if not x.startswith("async_steps=")]
+    cmd.append(f"async_steps={n}")
+    r = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     want = [json.loads(x) for x in open(ref / "metrics.jsonl")]
-    assert [m["staleness"] for m in want] == [0.0, 1.0, 1.0]  # step 0's rollouts are its own; then one step off
+    assert [m["staleness"] for m in want] == [min(s, n) for s in range(steps)]  # step 0's are its own, then n off
     assert all(m["time_gen_hidden_s"] >= 0 and "time_gen_wait_s" in m for m in want)
     run = tmp_path / "run"
-    proc = subprocess.Popen(_async_cmd(data, s.url, run), env=env, cwd=root, stdout=subprocess.DEVNULL,
+    cmd = [c.replace(str(ref), str(run)) for c in cmd]
+    proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and (latest(str(run)) or "").rsplit("-", 1)[-1] < "000002":
@@ -242,32 +251,36 @@ def test_async_one_step_off_uses_the_behaviour_policy_and_resumes_exactly(server
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run / "final").exists()  # killed mid-run
-    # the rollouts of step 2, generated during step 1 (by the policy after step 0) and saved with step 1's checkpoint
+    # the rollouts of steps 2 .. n + 1, generated ahead and saved with step 1's checkpoint; the newest (step n + 1's)
+    # by the policy after step 0 (the first push), the others (n > 1) by the start's
     ck = run / "checkpoints"
-    nxt = torch.load(ck / "step-000002" / "trainer_state.pt", weights_only=False)["state"]["pending"][0]
-    assert nxt.weights_version == 1 and len(nxt.batch.ids) > 0
+    saved = torch.load(ck / "step-000002" / "trainer_state.pt", weights_only=False)["state"]["pending"][0]
+    assert [x.weights_version for x in saved] == [0] * (n - 1) + [1]
+    nxt = saved[-1]
+    assert len(nxt.batch.ids) > 0
     behaviour_model, _ = build_student(ModelConfig(**{**TINY.__dict__, "path": str(ck / "step-000001")}))
     trained, _ = build_student(ModelConfig(**{**TINY.__dict__, "path": str(ck / "step-000002")}))
     for ids, mask, gen in list(zip(nxt.batch.ids, nxt.batch.mask, nxt.batch.gen_logp))[:3]:
         m, n = mask[1:], len(ids) - 1  # position t's log-prob is of token t + 1
         assert (trainer_logprobs(behaviour_model, ids.tolist())[:n][m] - gen[1:][m]).abs().max() < 1e-4
         assert (trainer_logprobs(trained, ids.tolist())[:n][m] - gen[1:][m]).abs().max() > 1e-4  # not the trained one's
-    cmd = _async_cmd(data, s.url, run)
     r = subprocess.run(cmd[:4] + ["--resume"] + cmd[4:], env=env, cwd=root, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     got = [json.loads(x) for x in open(run / "metrics.jsonl")]
-    assert [m["step"] for m in got] == [0, 1, 2]
+    assert [m["step"] for m in got] == list(range(steps))
     for a, b in zip(got, want):
         for k in ("loss", "reward", "response_tokens", "gen_logp_abs_diff_max", "staleness", "grad_norm"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k, a[k], b[k])
 
 
-@pytest.mark.parametrize("parallel,transfer", [("ddp", "file"), ("fsdp2", "gloo")])
-def test_two_trainer_ranks_generate_on_the_pushed_weights(server, tmp_path, tmp_path_factory, parallel, transfer):
+@pytest.mark.parametrize("parallel,transfer,n", [("ddp", "file", 0), ("fsdp2", "gloo", 0), ("fsdp2", "gloo", 2)])
+def test_two_trainer_ranks_generate_on_the_pushed_weights(server, tmp_path, tmp_path_factory, parallel, transfer, n):
     """torchrun with 2 gloo ranks against one server: rank 0 pushes (FSDP2: every rank takes part in the gathers)
     and tags the weight version, the other rank waits for it before generating, so every rank's rollouts come from
-    the current weights (the generator/trainer mismatch stays at float noise on both ranks, every step)."""
+    the current weights (the generator/trainer mismatch stays at float noise on both ranks, every step). With
+    async_steps=2 the pushes run in the ranks' generation threads, between barriers of their own group: every
+    rank's rollouts of a step come from one version, two steps old (staleness 0, 1, 2, 2, equal on both ranks)."""
     import os
     import subprocess
     import sys
@@ -276,13 +289,17 @@ def test_two_trainer_ranks_generate_on_the_pushed_weights(server, tmp_path, tmp_
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     s, _, _ = server
     data = ei_data(tmp_path_factory, limit=6, rules_per_example=2)
-    cmd = _async_cmd(data, s.url, tmp_path / "run")
+    cmd = _async_cmd(data, s.url, tmp_path / "run", steps=4 if n else 3)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *cmd[1:]]
     cmd = [c for c in cmd if not c.startswith(("async_steps=", "save_every="))] + [
-        f"parallel={parallel}", f"server_weight_transfer={transfer}", "questions_per_step=4"]
+        f"parallel={parallel}", f"server_weight_transfer={transfer}", "questions_per_step=4", f"async_steps={n}"]
     r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=root, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
-    assert len(rows) == 3 and all(x["grad_norm"] > 0 for x in rows)
-    assert max(x["gen_logp_abs_diff_max"] for x in rows) < 1e-3, [x["gen_logp_abs_diff_max"] for x in rows]
+    assert len(rows) == (4 if n else 3) and all(x["grad_norm"] > 0 for x in rows)
+    if n:  # the rollouts are n steps old: the mismatch is the policy's change, corrected for by the loss
+        assert [x["staleness"] for x in rows] == [0.0, 1.0, 2.0, 2.0]
+        assert rows[0]["gen_logp_abs_diff_max"] < 1e-3 < max(x["gen_logp_abs_diff_max"] for x in rows[1:])
+    else:
+        assert max(x["gen_logp_abs_diff_max"] for x in rows) < 1e-3, [x["gen_logp_abs_diff_max"] for x in rows]

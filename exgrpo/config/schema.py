@@ -287,9 +287,10 @@ class TrainConfig:
     #                                       | gloo | nccl (a process group with its workers; the server runs
     #                                       --weight-transfer-config '{"backend": "gloo"}' or nccl)
     server_transfer_host: str = "127.0.0.1"  # gloo / nccl: this trainer's address, as the server's workers reach it
-    async_steps: int = 0  # 1: one-step-off overlap, step t+1's rollouts generated (on step t's weights) while step t
-    #                       trains (backend=vllm-server; staleness 1, the generator correction sees the behaviour
-    #                       log-probs); 0: generate, then train
+    async_steps: int = 0  # n >= 1: the rollouts of the next n steps generated while a step trains, step s's on the
+    #                       weights after step s - n (backend=vllm-server; staleness n, the generator correction
+    #                       sees the behaviour log-probs; each push queued behind them, from a host copy of the
+    #                       weights); 0: generate, then train
     save_every: int = 0  # steps between checkpoints; 0: at the end only
     eval_every: int = 0  # steps between greedy evaluations on eval_data (0: none); logged as eval_accuracy
     eval_data: str = ""  # arithmetic:N:SEED[:OPS] (built-in held-in test questions) or a JSONL of examples
@@ -317,14 +318,15 @@ class TrainConfig:
         _one_of("TrainConfig", "advantage_groups", self.advantage_groups, ("question", "scenario"))
         _one_of("TrainConfig", "backend", self.backend, GEN_BACKENDS)
         _one_of("TrainConfig", "server_weight_transfer", self.server_weight_transfer, WEIGHT_TRANSFERS)
-        if self.async_steps not in (0, 1):
-            raise ValueError(f"TrainConfig.async_steps must be 0 or 1 (one step off), got {self.async_steps}")
+        if not isinstance(self.async_steps, int) or self.async_steps < 0:
+            raise ValueError(f"TrainConfig.async_steps must be an integer >= 0 (0: on policy; n: the rollouts of the "
+                             f"next n steps generated while a step trains), got {self.async_steps!r}")
         if self.async_steps and self.backend != "vllm-server":
-            raise ValueError(f"TrainConfig.async_steps=1 generates on a separate server while the trainer trains: "
-                             f"backend must be vllm-server, got {self.backend!r}")
+            raise ValueError(f"TrainConfig.async_steps={self.async_steps} generates on a separate server while the "
+                             f"trainer trains: backend must be vllm-server, got {self.backend!r}")
         if self.async_steps and self.filter_groups == "resample":
-            raise ValueError("TrainConfig.async_steps=1 does not combine with filter_groups=resample (its rounds "
-                             "agree across ranks mid-generation); use skip or off")
+            raise ValueError(f"TrainConfig.async_steps={self.async_steps} does not combine with filter_groups=resample "
+                             f"(its rounds agree across ranks mid-generation); use skip or off")
         u = self.vllm_gpu_memory_utilization
         if u is not None and not 0 < u < 1:
             raise ValueError(f"TrainConfig.vllm_gpu_memory_utilization must be in (0, 1) or None, got {u}")
