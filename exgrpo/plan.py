@@ -29,6 +29,9 @@ parallel layout and world size, the micro-batch, the loss's memory mode and the 
   during the training phase, asleep at level 2, a residual (1 GiB assumed); level 1 keeps nothing of the weights
   on the GPU either but pins host memory.
 - AdamW's step: about two parameter-sized fp32 temporaries (foreach implementation).
+- async_steps=n (server mode), host memory on rank 0: up to n + 2 copies of the merged weights as held (a tied
+  matrix under both names, as pushed): the last pushed, kept for a re-push after a restart, and those waiting
+  behind the rollouts generated ahead (reported apart).
 - attention=math (SDPA's math path, when a user forces it): the [heads, len, len] probabilities saved per sequence
   and layer.
 - CUDA context and allocator slack: 1.5 GiB.
@@ -194,11 +197,16 @@ def plan(cfg: PlanConfig, vocab: int | None = None) -> dict:
     # inside its share vLLM holds its own copy of the (merged, dequantized) weights in their dtype, and a KV cache
     vllm_weights = P * min(b, base_b) if cfg.vllm_gpu_memory_utilization > 0 else 0.0  # bf16 under bf16 autocast
     vllm_ok = cfg.vllm_gpu_memory_utilization == 0 or vllm_weights + VLLM_MIN_KV <= vllm_gen
+    # async_steps=n: rank 0's host copies of the merged weights (as held; a tied matrix under both names), the
+    # pushed one kept for a re-push and up to n + 1 staged behind the rollouts generated ahead
+    copy = (P + (s.vocab * s.hidden if s.tied else 0)) * base_b
+    host_async = (cfg.async_steps + 2) * copy if cfg.async_steps else 0.0
     gib = {k: v / GIB for k, v in t.items()}
     return {"params": P, "per_gpu_gib": gib, "vllm_training_phase_gib": vllm_train / GIB,
             "vllm_generation_phase_gib": vllm_gen / GIB, "vllm_weights_gib": vllm_weights / GIB,
             "vllm_share_holds_weights": vllm_ok, "training_phase_gib": train_total / GIB,
             "generation_phase_gib": gen_total / GIB, "card_gib": card / GIB, "host_offload_gib": host_offload / GIB,
+            "host_async_copy_gib": copy / GIB, "host_async_gib": host_async / GIB,
             "fits": train_total <= card and gen_total <= card and vllm_ok}
 
 
@@ -220,6 +228,9 @@ def render(cfg: PlanConfig, p: dict) -> str:
     lines.append(f"  {'training phase':52s} {p['training_phase_gib']:8.2f} GiB")
     if mc.activation_offload:
         lines.append(f"  {'  + host memory (offloaded activations)':52s} {p['host_offload_gib']:8.2f} GiB")
+    if cfg.async_steps:
+        lines.append(f"  {f'  + host memory, rank 0 (async_steps={cfg.async_steps} weight copies)':52s} "
+                     f"{p['host_async_gib']:8.2f} GiB")
     lines.append(f"  {'generation phase':52s} {p['generation_phase_gib']:8.2f} GiB")
     verdict = "fits" if p["fits"] else "does NOT fit"
     why = "" if p["vllm_share_holds_weights"] else (

@@ -418,7 +418,10 @@ class VLLMServerBackend(GenerationBackend):
 
     def _push_retrying(self, src, attempts: int = 3) -> None:
         """``_push``, again after a failure (a server restarted mid-push: its group is gone, so a new one is joined
-        and everything is sent); the last failure is raised."""
+        and everything is sent); the last failure is raised. Not the model itself under FSDP2 over several ranks:
+        its gathers need every rank, which have moved on."""
+        if self.collective_gather and not isinstance(src, StagedWeights):
+            attempts = 1
         for i in range(attempts):
             try:
                 return self._push(src)

@@ -87,3 +87,23 @@ def test_qlora_stores_the_linear_weights_in_nf4_and_vllms_share_must_hold_its_we
     assert not small["fits"] and not small["vllm_share_holds_weights"] and small["training_phase_gib"] < 40
     assert plan(PlanConfig(model=lora, parallel="ddp", world_size=1, card="a100-40",
                            vllm_gpu_memory_utilization=0.4))["fits"]
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_async_host_copies_are_what_the_server_client_stages(tie, tmp_path):
+    """async_steps=n: the planner's host copy of the weights is the bytes VLLMServerBackend.stage copies (a tied
+    matrix under both names, as the push sends it), and it counts n + 2 of them (the pushed one, n + 1 waiting)."""
+    pytest.importorskip("httpx")
+    from exgrpo.model import build_student
+    from exgrpo.vllm_backend import ServerOptions, VLLMServerBackend
+    mc = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=3, head_dim=16, tie_embeddings=tie)
+    model, tok = build_student(mc)
+    be = VLLMServerBackend("http://127.0.0.1:9", "m", tok, [0], ServerOptions(weight_transfer="gloo",
+                                                                              weights_dir=str(tmp_path)))
+    staged = be.stage(model)  # no server is asked: the copy alone
+    p = plan(PlanConfig(model=mc, parallel="ddp", world_size=1, async_steps=2), vocab=len(tok))
+    assert p["host_async_copy_gib"] * 2 ** 30 == pytest.approx(staged.nbytes, rel=0.01)
+    assert p["host_async_gib"] == pytest.approx(4 * p["host_async_copy_gib"])
+    assert plan(PlanConfig(model=mc, parallel="ddp", world_size=1))["host_async_gib"] == 0.0
+    with pytest.raises(ValueError, match=r"PlanConfig.async_steps must be an integer >= 0, got -1"):
+        PlanConfig(async_steps=-1)

@@ -160,3 +160,23 @@ def test_two_ranks_each_with_its_own_engine(tmp_path, tmp_path_factory, parallel
     assert len(rows) == 3 and all(x["grad_norm"] > 0 for x in rows)
     assert max(x["gen_logp_abs_diff_max"] for x in rows) < 1e-3, [x["gen_logp_abs_diff_max"] for x in rows]
     assert os.path.exists(out / "final" / "config.json")
+
+
+def test_a_tied_model_starts_and_syncs():
+    """Tied embeddings (Qwen2.5-0.5B / 1.5B are): the engine, started on placeholder weights, gets the tied matrix
+    from the stream at the start and again after it changes (it moves both ends: the input and the output layer)."""
+    model, tok = build_student(ModelConfig(**{**TINY.__dict__, "tie_embeddings": True}), seed=0)
+    dtok = DialogueTokenizer(tok)
+    vb = VLLMBackend.from_model(model, tok, dtok.eot)
+    try:
+        seq = dtok.encode([{"role": "user", "content": "2+2?"},
+                           {"role": "assistant", "content": "2 + 2 = 4. The answer is 4."}]).input_ids
+        diff = lambda: max(abs(u - v) for u, v in zip(vb.prompt_logprobs([seq])[0][1:],
+                                                       trainer_logprobs(model, seq)[:-1].tolist()))
+        assert diff() < 1e-4
+        with torch.no_grad():
+            model.get_input_embeddings().weight.mul_(1.5)
+        vb.sync_weights(model)
+        assert diff() < 1e-4
+    finally:
+        vb.close()

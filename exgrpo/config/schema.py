@@ -444,9 +444,12 @@ class PlanConfig:
     attention: str = "flash"  # flash (flash-attn / torch varlen: no [T x T]) | math (SDPA's math path, the CPU's)
     seq_len: int = 1024  # typical packed sequence length (the math path saves [heads, len, len] scores per sequence)
     fsdp_param_dtype: str = "float32"  # FSDPConfig.param_dtype: the dtype FSDP2 gathers layers in (bfloat16: no casts)
+    async_steps: int = 0  # TrainConfig.async_steps (server mode): rank 0's host copies of the weights awaiting a push
 
     def __post_init__(self):
         _one_of("PlanConfig", "parallel", self.parallel, PARALLEL)
+        if not isinstance(self.async_steps, int) or self.async_steps < 0:
+            raise ValueError(f"PlanConfig.async_steps must be an integer >= 0, got {self.async_steps!r}")
         if self.world_size < 1:
             raise ValueError(f"PlanConfig.world_size must be >= 1, got {self.world_size}")
         _one_of("PlanConfig", "precision", self.precision, ("bf16", "fp32"))
