@@ -375,12 +375,28 @@ class VLLMServerBackend(GenerationBackend):
         self._staged = self._version
         self._pushed = model
         if distributed.world() > 1 and not distributed.is_main():
-            for _ in merged_state(model):  # FSDP2's gathers are collective: every rank iterates
-                pass
+            self._join_gathers(model)
             self._wait_for_version()
             return
         self._lost = False
         self._push_retrying(model)
+
+    def _join_gathers(self, model) -> None:
+        """A non-main rank's part in a push: FSDP2's gathers are collective, so it iterates the stream (nothing to
+        do under DDP)."""
+        if self.collective_gather:
+            for _ in merged_state(model):
+                pass
+
+    def _host_copy(self, model) -> dict:
+        """The merged weights as host tensors in the wire dtype: what a file push writes and a staged push keeps."""
+        return {k: v.to("cpu", self._wire_dtype or v.dtype, copy=True).contiguous() for k, v in merged_state(model)}
+
+    @staticmethod
+    def _write(sd: dict, folder: str) -> None:
+        """``folder``/model.safetensors, atomically (the server never reads half a file)."""
+        save_file(sd, os.path.join(folder, "model.safetensors.tmp"))
+        os.replace(os.path.join(folder, "model.safetensors.tmp"), os.path.join(folder, "model.safetensors"))
 
     def stage(self, model) -> StagedWeights:
         """Copy the policy's current weights aside for ``push`` to send later, while the trainer trains on
@@ -388,17 +404,14 @@ class VLLMServerBackend(GenerationBackend):
         ``nccl``); under FSDP2 every rank takes part in the gathers. A push not yet sent holds one host copy."""
         self._staged += 1
         if distributed.world() > 1 and not distributed.is_main():
-            if self.collective_gather:
-                for _ in merged_state(model):  # FSDP2's gathers are collective: every rank iterates
-                    pass
+            self._join_gathers(model)
             return StagedWeights(self._staged)
-        sd = {k: v.to("cpu", self._wire_dtype or v.dtype, copy=True).contiguous() for k, v in merged_state(model)}
-        nbytes = sum(v.numel() * v.element_size() for v in sd.values())
+        sd = self._host_copy(model)
+        nbytes = _nbytes(sd)
         if self.options.weight_transfer == "file":
             folder = os.path.join(self.weights_dir, f"v{self._staged:08d}")
             os.makedirs(folder, exist_ok=True)
-            save_file(sd, os.path.join(folder, "model.safetensors.tmp"))
-            os.replace(os.path.join(folder, "model.safetensors.tmp"), os.path.join(folder, "model.safetensors"))
+            self._write(sd, folder)
             return StagedWeights(self._staged, folder=folder, nbytes=nbytes)
         from exgrpo.weight_transfer import touched_groups
         return StagedWeights(self._staged, tensors=sd, touched=touched_groups(model), nbytes=nbytes)
@@ -439,16 +452,15 @@ class VLLMServerBackend(GenerationBackend):
         """Send ``src``: the model itself (streamed) or ``StagedWeights``."""
         t0 = time.perf_counter()
         o = self.options
-        dtype = self._wire_dtype
         staged = isinstance(src, StagedWeights)
         if o.weight_transfer == "file":
-            folder = src.folder if staged else self.weights_dir
+            folder, nbytes = (src.folder, src.nbytes) if staged else (self.weights_dir, None)
             if not staged:
-                sd = {k: v.to("cpu", dtype or v.dtype, copy=True).contiguous() for k, v in merged_state(src)}
-                save_file(sd, os.path.join(folder, "model.safetensors.tmp"))
-                os.replace(os.path.join(folder, "model.safetensors.tmp"), os.path.join(folder, "model.safetensors"))
+                sd = self._host_copy(src)
+                self._write(sd, folder)
+                nbytes = _nbytes(sd)
             self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": folder}})
-            self.last_push_bytes = src.nbytes if staged else sum(v.numel() * v.element_size() for v in sd.values())
+            self.last_push_bytes = nbytes
             if staged:  # the versions before this one are no longer needed (a re-push after a restart sends this)
                 for d in os.listdir(self.weights_dir):
                     if d.startswith("v") and d < os.path.basename(folder):
@@ -459,7 +471,7 @@ class VLLMServerBackend(GenerationBackend):
             if staged:
                 src = SnapshotSource(src.tensors, None if full else src.touched)
             else:
-                src = PolicySource(src, dtype, None if full else touched_groups(src))
+                src = PolicySource(src, self._wire_dtype, None if full else touched_groups(src))
             if full:
                 self._xfer = self._join(src)
             self._xfer.source = src
@@ -499,6 +511,10 @@ class VLLMServerBackend(GenerationBackend):
             self._xfer = None
         self.http.close()
         shutil.rmtree(self.weights_dir, ignore_errors=True)
+
+
+def _nbytes(sd: dict) -> int:
+    return sum(v.numel() * v.element_size() for v in sd.values())
 
 
 class _TransferRoutes:
